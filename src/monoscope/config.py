@@ -1,0 +1,95 @@
+"""Dataclasses that are at once the Python API, the CLI flags and the saved config.
+
+Each stage declares one dataclass; ``add_arguments`` turns its fields into argparse flags (help text
+from ``field(metadata={"help": ...})``) and ``from_namespace`` builds the dataclass back. ``to_dict`` /
+``from_dict`` give the JSON form that is saved beside every artifact; ``from_dict`` rejects unknown keys
+and names the valid ones.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import typing
+from typing import Any, TypeVar
+
+from monoscope.errors import MonoscopeError
+
+T = TypeVar("T")
+
+
+def _base_type(tp: Any) -> Any:
+    """Strip Optional[...] so `int | None` gives int."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per field of dataclass ``cls`` (underscores become dashes)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.metadata.get("cli") is False:
+            continue
+        tp = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        helptext = f.metadata.get("help", "")
+        helptext = f"{helptext} (default: {default})" if helptext else f"default: {default}"
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                                metavar="BOOL", help=helptext)
+        elif origin in (list, tuple):
+            inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            parser.add_argument(flag, type=inner, nargs="+", default=argparse.SUPPRESS, help=helptext)
+        else:
+            parser.add_argument(flag, type=tp if tp in (int, float, str) else str,
+                                default=argparse.SUPPRESS, help=helptext)
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
+    """Build ``cls`` from parsed flags; flags not given keep the dataclass defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {k: v for k, v in vars(ns).items() if k in names}
+    values.update(overrides)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in values and isinstance(f.default, tuple) and isinstance(values[f.name], list):
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """JSON-ready dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Inverse of ``to_dict``; an unknown key raises a MonoscopeError listing the valid keys."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise MonoscopeError(f"unknown key(s) {unknown} in {where}; valid keys are: {', '.join(names)}")
+    values = dict(data)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in values and isinstance(f.default, tuple) and isinstance(values[f.name], list):
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable short hash of JSON-serialisable parts (configs, input hashes) for stage caching."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

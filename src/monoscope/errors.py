@@ -1,0 +1,9 @@
+"""One exception type for every mistake a user can make.
+
+The CLI prints its message without a traceback and exits with status 2, so the message must say what
+was wrong *and* what would be right.
+"""
+
+
+class MonoscopeError(Exception):
+    """A problem with the user's input or environment (bad name, wrong shape, empty data, ...)."""
