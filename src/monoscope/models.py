@@ -102,7 +102,9 @@ def _torch_dtype(dtype: str) -> torch.dtype:
 
 def _load_hf_folder(name_or_path: str, torch_dtype: torch.dtype, name: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, local_files_only=True)
@@ -110,7 +112,7 @@ def _load_hf_folder(name_or_path: str, torch_dtype: torch.dtype, name: str) -> L
         raise MonoscopeError(
             f"cannot load model {name_or_path!r}: it is not a built-in name ({', '.join(builtin_models())}), "
             f"nor a local folder with config.json + weights, nor a Hugging Face id in the local cache "
-            f"(nothing is downloaded at run time). Details: {str(exc).splitlines()[0]}") from None
+            "(nothing is downloaded at run time)") from None
     model.eval()
     return LoadedModel(model, tokenizer, name, _fingerprint(model, name_or_path))
 

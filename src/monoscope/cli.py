@@ -1,0 +1,94 @@
+"""The ``monoscope`` command: one subcommand per stage.
+
+Each subcommand's flags come from its stage's config dataclass (monoscope.config), so the CLI, the
+Python API and the saved configs never drift apart. A MonoscopeError prints one line and exits with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from monoscope.config import add_arguments, from_namespace
+from monoscope.errors import MonoscopeError
+
+# ---------------------------------------------------------------- foundation
+def _setup_extract(p: argparse.ArgumentParser):
+    from monoscope.extract import ExtractConfig
+
+    add_arguments(p, ExtractConfig)
+    p.add_argument("--out", required=True, help="store folder to create or resume")
+
+    def run(ns):
+        from monoscope.extract import extract
+
+        store = extract(from_namespace(ExtractConfig, ns), ns.out)
+        print(store.describe())
+    return run
+
+
+def _setup_info(p: argparse.ArgumentParser):
+    p.add_argument("folder", help="a monoscope artifact folder (activation store, SAE, ...)")
+    p.add_argument("--verify", action="store_true", help="recompute every shard's checksum")
+
+    def run(ns):
+        from monoscope.store import ActivationStore
+
+        store = ActivationStore(ns.folder, allow_unfinished=True)
+        if ns.verify:
+            store.verify()
+        print(store.describe())
+        if ns.verify:
+            print("verify: every shard matches its checksum")
+    return run
+
+
+def _setup_hookpoints(p: argparse.ArgumentParser):
+    p.add_argument("model", nargs="?", default="gemma-3-270m", help="model name or folder")
+
+    def run(ns):
+        from monoscope.hookpoints import describe
+        from monoscope.models import load_model
+
+        lm = load_model(ns.model)
+        print(f"# {lm.name} ({lm.family}, {lm.n_layers} layers, d_model {lm.d_model})")
+        for name, width in describe(lm.model):
+            print(f"{name}\t{width}")
+    return run
+
+
+SETUPS = {
+    "extract": ("capture activations at hook points into a store", _setup_extract),
+    "info": ("describe an artifact folder", _setup_info),
+    "hookpoints": ("list a model's hook points and their widths", _setup_hookpoints),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="monoscope", description="Find and show the features inside language models.")
+    from monoscope import __version__
+
+    parser.add_argument("--version", action="version", version=f"monoscope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    runners = {}
+    for name, (helptext, setup) in SETUPS.items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        runners[name] = setup(p)
+    return parser, runners
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, runners = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        runners[ns.command](ns)
+    except MonoscopeError as exc:
+        print(f"monoscope {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("monoscope: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
