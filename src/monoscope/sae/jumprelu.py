@@ -1,0 +1,107 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024b; Gemma Scope): f_i = z_i·H(z_i − θ_i) with a learned θ_i > 0.
+
+H has zero derivative almost everywhere, so θ learns through straight-through estimators with a rectangle
+kernel K(u) = 1[|u| < ½] of bandwidth ε:  ∂f/∂θ ≈ −(θ/ε)·K((z − θ)/ε) and ∂L0/∂θ ≈ −(1/ε)·K((z − θ)/ε).
+z gets the ordinary gradient through f and none through the L0 count.
+θ is a plain fp32 parameter (a log-parameterised θ barely moves under Adam) and stays fp32 even if the
+module is cast to another dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from monoscope.sae.base import SAE, TrainOutput, _flatten, dense_fired, register, sum_sq
+
+
+def _rect(z: Tensor, theta: Tensor, eps: float) -> Tensor:
+    return (((z - theta) / eps).abs() < 0.5).to(z.dtype)
+
+
+class JumpReLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        g_z = g * (z > theta)
+        g_theta = (-(theta / ctx.eps) * _rect(z, theta, ctx.eps) * g).sum(0)
+        return g_z, g_theta.to(theta.dtype), None
+
+
+class StepFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        g_theta = (-(1.0 / ctx.eps) * _rect(z, theta, ctx.eps) * g).sum(0)
+        return None, g_theta.to(theta.dtype), None
+
+
+@register("jumprelu")
+class JumpReLUSAE(SAE):
+    """Loss = mse + λ·mean L0, or λ·(mean L0 / target_l0 − 1)² when ``target_l0`` is set.
+
+    Unit-norm decoder (the L0 penalty does not see decoder norms, so scale must be pinned), W_enc = W_decᵀ,
+    b_enc = 0, θ = ``jumprelu_init_threshold``.
+    """
+
+    unit_norm_decoder = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
+        self.threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), float(cfg.jumprelu_init_threshold)))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.threshold.dtype != torch.float32:
+            self.threshold.data = self.threshold.data.float()
+        return self
+
+    def encode(self, x: Tensor) -> Tensor:
+        z = self.pre_acts(x)
+        return z.relu() * (z > self.threshold)
+
+    def training_forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
+                         sparsity_scale: float = 1.0) -> TrainOutput:
+        x, _ = _flatten(x, self.cfg.d_in)
+        x = x.to(self.W_enc.dtype)
+        z = self.pre_acts(x).relu().float()
+        eps = self.cfg.jumprelu_bandwidth
+        f = JumpReLUFn.apply(z, self.threshold, eps).to(self.W_dec.dtype)
+        x_hat = self.decode(f)
+        mse = sum_sq(x - x_hat)
+        l0 = StepFn.apply(z, self.threshold, eps).sum(1).mean()
+        if self.cfg.target_l0 is None:
+            penalty = l0
+        else:
+            penalty = (l0 / self.cfg.target_l0 - 1).pow(2)
+        loss = mse + self.cfg.l0_coefficient * sparsity_scale * penalty
+        return TrainOutput(x_hat=x_hat, loss=loss, l0=l0.detach(), fired=dense_fired(f.detach()), f=f,
+                           terms={"mse": mse.detach(), "l0_penalty": penalty.detach(), "l0": l0.detach()})
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        super().after_step()
+        self.threshold.clamp_(min=0.0)
+
+    def _activation_unit_tensors(self) -> tuple[str, ...]:
+        return ("b_dec", "b_enc", "threshold")
+
+    @torch.no_grad()
+    def fold_input_scale(self, s: float) -> None:
+        super().fold_input_scale(s)
+        self.cfg.jumprelu_bandwidth /= s  # ε is in activation units too, should training continue
+
+    def extra_tensors(self) -> dict[str, Tensor]:
+        return {"b_enc": self.b_enc, "threshold": self.threshold}
