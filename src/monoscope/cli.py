@@ -56,28 +56,52 @@ def _setup_hookpoints(p: argparse.ArgumentParser):
     return run
 
 
+def _lazy(target: str):
+    """A setup function imported only when its subcommand is built (keeps `monoscope --help` fast)."""
+    def setup(p):
+        import importlib
+
+        module, name = target.split(":")
+        return getattr(importlib.import_module(module), name)(p)
+    return setup
+
+
 SETUPS = {
+    "run": ("the main job: extract, train SAEs, probe, interpret, steer and report", _lazy("monoscope.pipeline:setup_run")),
     "extract": ("capture activations at hook points into a store", _setup_extract),
-    "info": ("describe an artifact folder", _setup_info),
+    "info": ("describe an activation store", _setup_info),
     "hookpoints": ("list a model's hook points and their widths", _setup_hookpoints),
+    "train": ("train a sparse autoencoder on a store", _lazy("monoscope.train:setup_train")),
+    "evaluate": ("evaluate an SAE: reconstruction, sparsity, spliced-in LM loss", _lazy("monoscope.evaluate:setup_evaluate")),
+    "sweep": ("train and evaluate a grid of SAEs; frontier plots", _lazy("monoscope.sweep:setup_sweep")),
+    "probe": ("k-sparse probing of neurons or SAE latents", _lazy("monoscope.probing.run:setup_probe")),
+    "datasets": ("list the built-in probing datasets", _lazy("monoscope.probing.run:setup_datasets")),
+    "stats": ("one-pass feature statistics of an SAE or of neurons", _lazy("monoscope.interpret.stats:setup_stats")),
+    "explain": ("automated explanations and scores of features", _lazy("monoscope.interpret.autointerp:setup_explain")),
+    "steer": ("generate with SAE features clamped, added or ablated", _lazy("monoscope.interpret.steer:setup_steer")),
+    "browser": ("build the static feature browser", _lazy("monoscope.report.browser:setup_browser")),
+    "serve": ("serve a feature browser with live search on 127.0.0.1", _lazy("monoscope.report.serve:setup_serve")),
 }
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="monoscope", description="Find and show the features inside language models.")
     from monoscope import __version__
 
     parser.add_argument("--version", action="version", version=f"monoscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runners = {}
+    chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
     for name, (helptext, setup) in SETUPS.items():
         p = sub.add_parser(name, help=helptext, description=helptext)
-        runners[name] = setup(p)
+        if chosen is None or name == chosen:
+            runners[name] = setup(p)
     return parser, runners
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, runners = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser, runners = build_parser(argv)
     ns = parser.parse_args(argv)
     try:
         runners[ns.command](ns)

@@ -1,0 +1,80 @@
+"""`monoscope run` end to end on a tiny model: every report section filled from real results."""
+import json
+import re
+
+import pytest
+
+from monoscope.cli import main
+from monoscope.errors import MonoscopeError
+from monoscope.pipeline import RunConfig, load_run_config, run_pipeline
+
+TINY = """
+model = "tiny-llama"
+layer = 1
+tokens = 4096
+val_tokens = 512
+context_length = 32
+d_sae = 128
+k_values = [8]
+target_l0_values = [8.0]
+epochs = 2
+batch_size = 512
+lm_contexts = 4
+probe_datasets = ["is_python_code", "lang:fr"]
+probe_ks = [1, 2, 4, 16]
+probe_examples = 60
+probe_max_length = 32
+explain_features = 2
+explain_neurons = 2
+steer_samples = 4
+steer_tokens = 6
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg_path = out / "run.toml"
+    cfg_path.write_text(TINY)
+    assert main(["run", "--config", str(cfg_path), "--out", str(out / "r")]) == 0
+    return out / "r"
+
+
+def test_report_sections_filled(tiny_run):
+    page = (tiny_run / "report.html").read_text()
+    for title in ("Where features have dedicated neurons", "Optimal sparse probing vs heuristics",
+                  "SAE latents vs neurons at layer 1", "Fidelity / sparsity frontier of the SAEs",
+                  "Most interpretable features", "Steering", "Run settings, sizes, timings and versions"):
+        assert title in page
+    section = lambda t: page.split(t, 1)[1].split("<section>", 1)[0]
+    assert "data:image/png;base64" in section("Where features have dedicated neurons")
+    assert "topk" in section("Fidelity / sparsity frontier") and "jumprelu" in section("Fidelity / sparsity frontier")
+    assert "SAE latents k=1" in section("SAE latents vs neurons")
+    assert re.search(r"<td>osp</td>", section("Optimal sparse probing"))
+    assert "(no rows)" not in section("Where features have dedicated neurons")
+    assert "steered" in section("Steering")
+    assert (tiny_run / "browser" / "index.html").exists() and (tiny_run / "browser_neurons" / "index.html").exists()
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert json.loads((tiny_run / "run_config.json").read_text())["model"] == "tiny-llama"
+
+
+def test_rerun_skips_finished_stages(tiny_run, capsys):
+    cfg = load_run_config(tiny_run / "run.toml")
+    run_pipeline(cfg, tiny_run)
+    log = capsys.readouterr().out
+    for stage in ("extract", "saes", "probe", "stats", "explain", "steer"):
+        assert f"{stage}: done before, skipped" in log
+
+
+def test_bad_config_fails_before_work(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "tiny-llama"\nlayers = 3\n')
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown key(s) ['layers']" in capsys.readouterr().err
+    with pytest.raises(MonoscopeError, match="too small to train"):
+        run_pipeline(RunConfig(model="tiny-llama", tokens=100), tmp_path / "o2")
+    with pytest.raises(MonoscopeError, match="unknown hook"):
+        run_pipeline(RunConfig(model="tiny-llama", layer=9), tmp_path / "o3")
+    with pytest.raises(MonoscopeError, match="cannot load model"):
+        run_pipeline(RunConfig(model="no-such-model"), tmp_path / "o4")
+    assert not (tmp_path / "o2" / "extract").exists()
