@@ -1,0 +1,1 @@
+"""Interpreting features: one-pass statistics (stats), steering (steer), automated explanations (autointerp)."""

@@ -1,0 +1,296 @@
+"""Steer a model with SAE features, compare default and steered generations, and measure the effect.
+
+Modes (REFERENCE.md §4), with d_i latent i's direction in the hook's raw activation space
+(d_i = decode(e_i) − decode(0), so any normalisation folded into the SAE is respected):
+
+- clamp:  x ← x + (v − f_i(x))·d_i — only latent i's contribution changes, the SAE's error term
+  (x − x̂) is kept, so the model sees its own activation apart from that one feature;
+- add:    x ← x + v·d_i at every position;
+- ablate: clamp to 0.
+
+Several interventions act at once; the clamps all use f(x) of the unsteered activation. Position 0 of
+a multi-token forward pass is the BOS token (prompts always start with it): it is left alone, because
+SAEs are trained without BOS and its huge norm makes f(BOS) meaningless.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import textwrap
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from monoscope.errors import MonoscopeError
+
+MODES = ("clamp", "add", "ablate")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Set (clamp), shift (add) or zero (ablate) latent ``feature``."""
+
+    feature: int
+    value: float = 0.0
+    mode: str = "clamp"
+
+
+def _check(lm, sae, interventions: Sequence[Intervention]) -> list[Intervention]:
+    from monoscope.hookpoints import resolve
+    from monoscope.interpret.stats import check_sae_matches
+
+    check_sae_matches(sae, model_name=lm.name)
+    if not sae.cfg.hook_name:
+        raise MonoscopeError("the SAE names no hook (cfg.hook_name is empty); set it to the hook it was trained on")
+    point = resolve(lm.model, sae.cfg.hook_name)
+    if point.width != sae.cfg.d_in:
+        raise MonoscopeError(f"the SAE expects d_in={sae.cfg.d_in} but hook {point.name!r} of {lm.name} has "
+                             f"width {point.width}; this SAE was trained on another model or hook")
+    out, seen = [], set()
+    for iv in interventions:
+        if not isinstance(iv, Intervention):
+            iv = Intervention(*iv) if isinstance(iv, (tuple, list)) else Intervention(**iv)
+        if iv.mode not in MODES:
+            raise MonoscopeError(f"unknown steering mode {iv.mode!r}; use one of {', '.join(MODES)}")
+        if not 0 <= int(iv.feature) < sae.cfg.d_sae:
+            raise MonoscopeError(f"feature {iv.feature} is out of range: this SAE has latents 0..{sae.cfg.d_sae - 1}")
+        if iv.feature in seen:
+            raise MonoscopeError(f"feature {iv.feature} is steered twice; give one intervention per feature")
+        if not math.isfinite(float(iv.value)):
+            raise MonoscopeError(f"steering value for feature {iv.feature} must be finite, got {iv.value}")
+        seen.add(iv.feature)
+        out.append(Intervention(int(iv.feature), 0.0 if iv.mode == "ablate" else float(iv.value), iv.mode))
+    if not out:
+        raise MonoscopeError("no interventions given; pass at least one Intervention(feature, value, mode)")
+    return out
+
+
+def _directions(sae, features: list[int]) -> torch.Tensor:
+    """d_i = decode(e_i) − decode(0) for the chosen latents [n, d_in] (raw activation space)."""
+    p = next(sae.parameters())
+    eye = torch.zeros(len(features) + 1, sae.cfg.d_sae, dtype=p.dtype, device=p.device)
+    eye[torch.arange(1, len(features) + 1), torch.tensor(features)] = 1.0
+    with torch.no_grad():
+        out = sae.decode(eye)
+    return out[1:] - out[:1]
+
+
+@contextlib.contextmanager
+def steer(lm, sae, interventions: Sequence[Intervention], skip_bos: bool = True) -> Iterator[None]:
+    """Apply ``interventions`` at the SAE's hook for every forward pass of ``lm.model`` inside the block."""
+    from monoscope.hookpoints import edit
+
+    ivs = _check(lm, sae, interventions)
+    feats = [iv.feature for iv in ivs]
+    dirs = _directions(sae, feats)
+    values = torch.tensor([iv.value for iv in ivs], dtype=dirs.dtype, device=dirs.device)
+    is_clamp = torch.tensor([iv.mode in ("clamp", "ablate") for iv in ivs], device=dirs.device)
+    any_clamp = bool(is_clamp.any())
+    idx = torch.tensor(feats, device=dirs.device)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(dirs.dtype)
+        coef = values.expand(flat.shape[0], -1)
+        if any_clamp:
+            with torch.no_grad():
+                f = sae.encode(flat)[:, idx]
+            coef = torch.where(is_clamp, values - f, values)
+        new = (flat + coef @ dirs).to(x.dtype).reshape(x.shape)
+        if skip_bos and x.dim() == 3 and x.shape[1] > 1:
+            new[:, 0] = x[:, 0]
+        return new
+
+    with edit(lm.model, sae.cfg.hook_name, fn):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+def _prompt_ids(lm, prompt: str) -> torch.Tensor:
+    """Token ids [1, T] of ``prompt``, always starting with BOS (as every stored context does)."""
+    ids = lm.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    bos = lm.tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + list(ids)
+    if not ids:
+        raise MonoscopeError("the prompt is empty and the tokenizer has no BOS token; give some text")
+    return torch.tensor([ids], device=lm.device)
+
+
+@torch.no_grad()
+def _sample(lm, ids: torch.Tensor, n: int, max_new_tokens: int, temperature: float, seed: int) -> torch.Tensor:
+    """``n`` continuations [n, max_new_tokens] of ``ids`` with a seeded sampler (temperature 0 = greedy)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    cur, past, out = ids.repeat(n, 1), None, []
+    for _ in range(max_new_tokens):
+        o = lm.model(input_ids=cur, past_key_values=past, use_cache=True)
+        past = o.past_key_values
+        logits = o.logits[:, -1].float().cpu()
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)
+        out.append(nxt)
+        cur = nxt.to(ids.device)
+    return torch.cat(out, 1) if out else torch.zeros(n, 0, dtype=torch.long)
+
+
+def _decode(lm, new: torch.Tensor) -> list[str]:
+    eos = lm.tokenizer.eos_token_id
+    texts = []
+    for row in new.tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        texts.append(lm.tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def _check_gen(max_new_tokens: int, n_samples: int, temperature: float) -> None:
+    if max_new_tokens < 1 or n_samples < 1:
+        raise MonoscopeError(f"max_new_tokens and n_samples must be at least 1 (got {max_new_tokens}, {n_samples})")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise MonoscopeError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
+
+
+def generate_side_by_side(lm, sae, prompt: str, interventions: Sequence[Intervention], max_new_tokens: int = 40,
+                          n_samples: int = 1, seed: int = 0, temperature: float = 0.7) -> list[dict[str, str]]:
+    """Default and steered continuations of ``prompt`` drawn with the same seed, sample by sample."""
+    _check_gen(max_new_tokens, n_samples, temperature)
+    ivs = _check(lm, sae, interventions)
+    ids = _prompt_ids(lm, prompt)
+    default = _decode(lm, _sample(lm, ids, n_samples, max_new_tokens, temperature, seed))
+    with steer(lm, sae, ivs):
+        steered = _decode(lm, _sample(lm, ids, n_samples, max_new_tokens, temperature, seed))
+    return [{"default": d, "steered": s} for d, s in zip(default, steered)]
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+
+@torch.no_grad()
+def _feature_on_generated(lm, sae, ids: torch.Tensor, new: torch.Tensor, feature: int) -> np.ndarray:
+    """Mean activation of ``feature`` over the generated tokens, per sample, re-encoded without steering."""
+    from monoscope.hookpoints import run_with_capture
+
+    full = torch.cat([ids.repeat(new.shape[0], 1), new.to(ids.device)], 1)
+    acts = run_with_capture(lm.model, [sae.cfg.hook_name], full)[sae.cfg.hook_name]
+    gen = acts[:, ids.shape[1]:]
+    f = sae.encode(gen.reshape(-1, gen.shape[-1]).to(next(sae.parameters()).dtype))[:, feature]
+    return f.reshape(new.shape).mean(1).float().cpu().numpy()
+
+
+def _summary(x: np.ndarray) -> dict[str, float]:
+    return {"mean": float(x.mean()), "se": float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")}
+
+
+def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str], *, mode: str = "clamp",
+                    n_samples: int = 20, max_new_tokens: int = 40, temperature: float = 0.7, seed: int = 0,
+                    keywords: Sequence[str] | None = None, n_boot: int = 1000) -> dict:
+    """Does steering feature ``feature`` make the generations express it?
+
+    For each prompt, ``n_samples`` default and steered continuations are drawn (same seeds). Each
+    continuation is fed back unsteered and encoded by the SAE; the score is the feature's mean activation
+    over the generated tokens. Returns means with standard errors per arm, the steered − default
+    difference with a bootstrap 95% interval, and, if ``keywords`` are given, the share of continuations
+    that contain one (case-insensitive) with its standard error.
+    """
+    if n_samples < 2:
+        raise MonoscopeError(f"n_samples must be at least 2 for a standard error (20 or more is advised), got {n_samples}")
+    if isinstance(prompts, str) or not prompts:
+        raise MonoscopeError("prompts must be a non-empty list of strings")
+    _check_gen(max_new_tokens, n_samples, temperature)
+    ivs = _check(lm, sae, [Intervention(feature, value, mode)])
+    arms: dict[str, dict[str, list]] = {"default": {"act": [], "text": []}, "steered": {"act": [], "text": []}}
+    for p_i, prompt in enumerate(prompts):
+        ids = _prompt_ids(lm, prompt)
+        for arm in arms:
+            ctx = steer(lm, sae, ivs) if arm == "steered" else contextlib.nullcontext()
+            with ctx:
+                new = _sample(lm, ids, n_samples, max_new_tokens, temperature, seed + p_i)
+            arms[arm]["act"].append(_feature_on_generated(lm, sae, ids, new, ivs[0].feature))
+            arms[arm]["text"] += _decode(lm, new)
+    result: dict = {"feature": ivs[0].feature, "value": ivs[0].value, "mode": ivs[0].mode,
+                    "n_prompts": len(prompts), "n_samples": n_samples, "max_new_tokens": max_new_tokens,
+                    "temperature": temperature, "seed": seed}
+    acts = {arm: np.concatenate(arms[arm]["act"]) for arm in arms}
+    for arm in arms:
+        result[arm] = {"mean_activation": _summary(acts[arm])}
+        if keywords:
+            words = [k.lower() for k in keywords]
+            hits = np.array([any(w in t.lower() for w in words) for t in arms[arm]["text"]], dtype=float)
+            p = float(hits.mean())
+            result[arm]["keyword_rate"] = {"mean": p, "se": math.sqrt(p * (1 - p) / len(hits))}
+        result[arm]["examples"] = arms[arm]["text"][:3]
+    rng = np.random.default_rng(seed)
+    a, b = acts["default"], acts["steered"]
+    boots = np.array([rng.choice(b, len(b)).mean() - rng.choice(a, len(a)).mean() for _ in range(n_boot)])
+    result["difference"] = {"mean": float(b.mean() - a.mean()),
+                            "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def _pair_up(features: list[int], values: list[float] | None, modes: list[str] | None) -> list[Intervention]:
+    """--feature/--value/--mode lists: one value (or mode) applies to every feature, else one each."""
+    def spread(items, default, what):
+        if not items:
+            return [default] * len(features)
+        if len(items) == 1:
+            return items * len(features)
+        if len(items) != len(features):
+            raise MonoscopeError(f"give one --{what} for all features or one per --feature "
+                                 f"({len(features)} features, {len(items)} {what}s)")
+        return items
+    vals, mds = spread(values, 0.0, "value"), spread(modes, "clamp", "mode")
+    return [Intervention(f, v, m) for f, v, m in zip(features, vals, mds)]
+
+
+def print_side_by_side(pairs: list[dict[str, str]], prompt: str, width: int | None = None) -> None:
+    width = width or shutil.get_terminal_size((120, 20)).columns
+    col = max(20, (width - 3) // 2)
+    print(f"prompt: {prompt}")
+    for i, pair in enumerate(pairs):
+        left = textwrap.wrap(pair["default"].replace("\n", " ⏎ "), col) or [""]
+        right = textwrap.wrap(pair["steered"].replace("\n", " ⏎ "), col) or [""]
+        print(f"{'-' * col}-+-{'-' * col}")
+        print(f"{('default' + (f' #{i + 1}' if len(pairs) > 1 else '')):<{col}} | steered")
+        for k in range(max(len(left), len(right))):
+            a = left[k] if k < len(left) else ""
+            b = right[k] if k < len(right) else ""
+            print(f"{a:<{col}} | {b}")
+
+
+def setup_steer(p):
+    """``monoscope steer --sae DIR --feature 123 --value 8 [--mode clamp|add|ablate] ... "prompt"``."""
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--sae", required=True, help="SAE folder")
+    p.add_argument("--feature", type=int, action="append", required=True, help="latent to steer (repeatable)")
+    p.add_argument("--value", type=float, action="append", help="clamp value / added coefficient (one or one per feature)")
+    p.add_argument("--mode", action="append", choices=MODES, help="clamp (default), add or ablate (one or one per feature)")
+    p.add_argument("--model", default=None, help="model to load (default: the model the SAE was trained on)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--samples", type=int, default=1, help="continuations per arm")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+    def run(ns):
+        from monoscope.models import load_model
+        from monoscope.sae.io import load_sae
+
+        sae = load_sae(ns.sae)
+        name = ns.model or sae.cfg.model_name
+        if not name:
+            raise MonoscopeError("the SAE does not record its model; pass --model")
+        ivs = _pair_up(ns.feature, ns.value, ns.mode)
+        lm = load_model(name, device=ns.device)
+        sae.to(lm.device)
+        pairs = generate_side_by_side(lm, sae, ns.prompt, ivs, max_new_tokens=ns.max_new_tokens,
+                                      n_samples=ns.samples, seed=ns.seed, temperature=ns.temperature)
+        print("steering: " + ", ".join(f"{iv.mode} #{iv.feature}" + ("" if iv.mode == "ablate" else f" = {iv.value:g}")
+                                       for iv in ivs))
+        print_side_by_side(pairs, ns.prompt)
+    return run

@@ -1,0 +1,441 @@
+"""Optimal sparse probing: the provably best k features of a pool for a hinge-loss + ridge SVM.
+
+For a support s (a 0/1 vector over the pool) the inner problem is the SVM restricted to those columns,
+
+    c(s) = min_{w, b}  sum_i h_i * max(0, 1 - y_i (x_i . w + b)) + |w|^2 / (2 gamma),   w_j = 0 off s,
+
+with labels y_i = +-1, per-row weights h_i (balanced class weights by default) and an unpenalised
+intercept.  Its dual is, with v_j(alpha) = sum_i alpha_i y_i x_ij,
+
+    c(s) = max_alpha  sum_i alpha_i - (gamma/2) * sum_j s_j v_j(alpha)^2
+           over 0 <= alpha_i <= h_i,  sum_i alpha_i y_i = 0,
+
+and the primal weights are w_j = gamma * v_j(alpha*).  The feasible set does not depend on s, so c is a
+maximum of functions *linear* in s, hence convex, and for ANY feasible alpha
+
+    c(s) >= sum_i alpha_i - (gamma/2) * sum_j s_j v_j(alpha)^2         (the cut)
+
+with equality at s = s_bar when alpha = alpha*(s_bar).  This is exactly the outer-approximation cut
+t >= c(s_bar) + grad c(s_bar).(s - s_bar) with d c / d s_j = -(gamma/2) v_j(alpha*)^2; writing it in the
+form above shows it stays valid (a true lower bound) even when the inner solve is slightly inexact.
+
+Outer approximation: the master MILP  min t  s.t.  sum_j s_j = k,  s binary,  t >= every cut so far,
+solved by HiGHS, gives a lower bound and a candidate s_bar; solving the inner SVM at s_bar gives a new cut
+and an upper bound (the primal objective of an actual (w, b)).  Repeat until the bounds meet.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from monoscope.errors import MonoscopeError
+from monoscope.probing.probe import (
+    _check_k,
+    balanced_weights,
+    check_labels,
+    check_X,
+    fit_standardizer,
+    standardize,
+)
+
+__all__ = ["OSPResult", "SVMCut", "solve_inner_svm", "optimal_sparse_probe", "optimal_sparse_probe_path"]
+
+
+@dataclass
+class OSPResult:
+    """Outcome of one optimal-sparse-probing solve; ``features`` are column indices of the full X."""
+
+    k: int
+    features: np.ndarray
+    objective: float  # upper bound: SVM objective of the best support found
+    lower_bound: float  # proven: no k-subset of the pool does better
+    gap: float  # (objective - lower_bound) / objective
+    certified: bool  # gap <= the requested tolerance: the support is optimal over the pool
+    time_s: float
+    n_cuts: int
+    status: str  # "optimal", "time_limit" or "stalled" (inner solves too inexact to close the gap)
+    pool: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.intp))
+    history: list = field(default_factory=list)  # (lower_bound, upper_bound) after each master solve
+
+
+@dataclass
+class SVMCut:
+    """One inner solve: a valid cut  t >= const + coef . s  and the primal value at its support."""
+
+    support: tuple
+    value: float  # primal objective of the fitted (w, b): an upper bound on c(support)
+    const: float
+    coef: np.ndarray  # -(gamma/2) v_j^2 for every pool column j
+
+    def lower(self, support) -> float:
+        return self.const + float(self.coef[list(support)].sum())
+
+
+def solve_inner_svm(
+    Z: np.ndarray, y_pm: np.ndarray, h: np.ndarray, gamma: float, support, rel_tol: float = 1e-8
+) -> SVMCut:
+    """Solve the SVM on ``support`` to a certified duality gap and turn its dual point into a cut.
+
+    The support is tiny (k <= 8 columns), so we solve the *primal* in k+1 dimensions by Newton's method
+    on a Huber-smoothed hinge (quadratic within mu of the hinge point), shrinking mu until the gap is
+    closed.  The smoothed problem's optimality conditions hand us a dual point for free:
+    alpha_i = h_i * min(1, max(0, (1 - margin_i)/mu)), which lies in the box and has sum alpha_i y_i = 0
+    (the intercept's gradient), so it is feasible for the exact dual.  The hinge objective at (w, b) is
+    an upper bound on c(s), the exact dual objective at alpha a lower bound; we stop when they agree to
+    ``rel_tol``.  About a millisecond per solve, 50-100x faster than libsvm here.
+    """
+    support = tuple(sorted(int(j) for j in support))
+    ZS = Z[:, support]
+    k = len(support)
+    X1 = np.hstack([ZS * y_pm[:, None], y_pm[:, None]])  # rows y_i [z_i, 1]: margin = X1 @ theta
+    theta = np.zeros(k + 1)
+    reg = np.r_[np.full(k, 1.0 / gamma), 0.0]
+    best = None
+    mu = 1.0
+    for _ in range(10):
+        theta = _newton_smoothed_hinge(X1, h, reg, mu, theta)
+        r = 1.0 - X1 @ theta
+        candidates = [(theta, _balance(h * np.clip(r / mu, 0.0, 1.0), y_pm))]
+        exact = _exact_finish(X1, h, reg, r, mu)
+        if exact is not None:
+            candidates.insert(0, exact)
+        for th, alpha in candidates:
+            upper = float(h @ np.maximum(0.0, 1.0 - X1 @ th) + 0.5 * th @ (reg * th))
+            v_S = ZS.T @ (alpha * y_pm)
+            lower = float(alpha.sum() - 0.5 * gamma * v_S @ v_S)
+            if best is None or upper - lower < best[0] - best[1]:
+                best = (upper, lower, alpha)
+        if best[0] - best[1] <= rel_tol * max(abs(best[0]), 1.0):
+            break
+        mu *= 0.1
+    upper, _, alpha = best
+    v = Z.T @ (alpha * y_pm)
+    return SVMCut(support, upper, float(alpha.sum()), -0.5 * gamma * v**2)
+
+
+def _exact_finish(X1, h, reg, r, mu):
+    """Guess which points sit exactly on the margin from the smoothed solution and solve the KKT system.
+
+    Points with slack r_i >= mu are taken as margin violators (alpha_i = h_i), r_i <= 0 as clear
+    (alpha_i = 0), the rest as on the margin (X1_i theta = 1, alpha_i free).  Stationarity then is a linear
+    system in (theta, alpha_margin); the guess is accepted only if alpha stays in its box.
+    """
+    on = (r > 0) & (r < mu)
+    viol = r >= mu
+    d, m = X1.shape[1], int(on.sum())
+    if m > 4 * d + 10:  # smoothing zone still wide: the guess would be poor and the system large
+        return None
+    Xm = X1[on]
+    K = np.zeros((d + m, d + m))
+    K[:d, :d] = np.diag(reg)
+    K[:d, d:] = -Xm.T
+    K[d:, :d] = Xm
+    rhs = np.r_[X1[viol].T @ h[viol], np.ones(m)]
+    sol = np.linalg.lstsq(K, rhs, rcond=None)[0]
+    theta, a_on = sol[:d], sol[d:]
+    if np.any(a_on < -1e-12) or np.any(a_on > h[on] + 1e-12):
+        return None
+    alpha = np.where(viol, h, 0.0)
+    alpha[on] = np.clip(a_on, 0.0, h[on])
+    if not np.all(np.isfinite(theta)):
+        return None
+    return theta, _balance(alpha, np.sign(X1[:, -1]))
+
+
+def _balance(alpha: np.ndarray, y_pm: np.ndarray) -> np.ndarray:
+    """Scale down one class's alphas so sum alpha_i y_i = 0 exactly (stays inside the box)."""
+    pos = y_pm > 0
+    sp, sn = alpha[pos].sum(), alpha[~pos].sum()
+    alpha = alpha.copy()
+    if sp > sn and sp > 0:
+        alpha[pos] *= sn / sp
+    elif sn > sp and sn > 0:
+        alpha[~pos] *= sp / sn
+    return alpha
+
+
+def _newton_smoothed_hinge(X1, h, reg, mu, theta, max_iter: int = 50):
+    """Minimise sum_i h_i huber_mu(margin_i) + 1/2 theta' diag(reg) theta by damped Newton."""
+
+    def value(th):
+        m = X1 @ th
+        r = 1.0 - m
+        loss = np.where(r >= mu, r - 0.5 * mu, np.where(r > 0, 0.5 * r * r / mu, 0.0))
+        return float(h @ loss + 0.5 * th @ (reg * th)), r
+
+    F, r = value(theta)
+    for _ in range(max_iter):
+        a = np.clip(r / mu, 0.0, 1.0)
+        grad = reg * theta - X1.T @ (h * a)
+        quad = (r > 0) & (r < mu)
+        Xq = X1[quad]
+        H = (Xq * (h[quad] / mu)[:, None]).T @ Xq
+        H[np.diag_indices_from(H)] += reg + 1e-9
+        step = -np.linalg.solve(H, grad)
+        slope = grad @ step
+        if -slope <= 1e-14 * max(1.0, abs(F)):
+            break
+        t = 1.0
+        while True:
+            F_new, r_new = value(theta + t * step)
+            if F_new <= F + 1e-4 * t * slope or t < 1e-8:
+                break
+            t *= 0.5
+        theta = theta + t * step
+        if F - F_new <= 1e-15 * max(1.0, abs(F)):
+            F, r = F_new, r_new
+            break
+        F, r = F_new, r_new
+    return theta
+
+
+class _Master:
+    """The master MILP in HiGHS: variables s_0..s_{p-1} (binary) and t; cuts are added as rows."""
+
+    def __init__(self, p: int, k: int):
+        import highspy
+
+        self.highspy = highspy
+        self.p = p
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("mip_rel_gap", 1e-6)
+        inf = highspy.kHighsInf
+        h.addVars(p + 1, np.r_[np.zeros(p), 0.0], np.r_[np.ones(p), inf])  # t >= 0: c(s) >= 0
+        h.changeColsCost(p + 1, np.arange(p + 1, dtype=np.int32), np.r_[np.zeros(p), 1.0])
+        h.changeColsIntegrality(p, np.arange(p, dtype=np.int32), np.full(p, highspy.HighsVarType.kInteger))
+        h.addRow(k, k, p, np.arange(p, dtype=np.int32), np.ones(p))
+        self.h = h
+
+    def add_cut(self, cut: SVMCut) -> None:
+        # t - coef.s >= const
+        idx = np.arange(self.p + 1, dtype=np.int32)
+        self.h.addRow(cut.const, self.highspy.kHighsInf, self.p + 1, idx, np.r_[-cut.coef, 1.0])
+
+    def solve(self, time_limit: float):
+        h = self.h
+        h.setOptionValue("time_limit", max(time_limit, 0.01))
+        h.run()
+        info = h.getInfo()
+        status = h.getModelStatus()
+        x = np.asarray(h.getSolution().col_value)
+        if len(x) != self.p + 1 or info.primal_solution_status == 0:
+            return None, -math.inf, False
+        support = tuple(int(j) for j in np.flatnonzero(x[: self.p] > 0.5))
+        optimal = status == self.highspy.HighsModelStatus.kOptimal
+        lower = float(info.mip_dual_bound)
+        return support, lower if math.isfinite(lower) else -math.inf, optimal
+
+
+def _prepare_pool(X, y01, pool, weights):
+    from monoscope.probing.select import _mean_diff_score, _order
+
+    mean, scale = fit_standardizer(X)
+    if np.ndim(pool) == 0:
+        size = int(pool)
+        if size < 1:
+            raise MonoscopeError(f"pool must be a positive size or a list of feature indices, got {pool}.")
+        pool_idx = _order(_mean_diff_score((X - mean) / scale, y01))[: min(size, X.shape[1])]
+    else:
+        pool_idx = np.asarray(pool, dtype=np.intp)
+        if pool_idx.ndim != 1 or len(pool_idx) == 0:
+            raise MonoscopeError("pool must be a positive size or a non-empty 1-D list of feature indices.")
+        if pool_idx.min() < 0 or pool_idx.max() >= X.shape[1] or len(set(pool_idx.tolist())) != len(pool_idx):
+            raise MonoscopeError(f"pool indices must be distinct and in [0, {X.shape[1] - 1}].")
+    Z = np.ascontiguousarray(standardize(X[:, pool_idx], mean[pool_idx], scale[pool_idx]))
+    y_pm = 2.0 * y01 - 1.0
+    if weights == "balanced":
+        h = balanced_weights(y01)
+    elif weights is None:
+        h = np.ones(len(y01))
+    else:
+        raise MonoscopeError(f"class_weight must be 'balanced' or None, got {weights!r}.")
+    return pool_idx, Z, y_pm, h
+
+
+class _Solver:
+    """Caches inner solves (and their cuts) across the ks of one path: a cut is valid for every k."""
+
+    def __init__(self, Z, y_pm, h, gamma, inner_tol):
+        self.Z, self.y_pm, self.h, self.gamma, self.inner_tol = Z, y_pm, h, gamma, inner_tol
+        self.cuts: dict[tuple, SVMCut] = {}
+
+    def evaluate(self, support) -> SVMCut:
+        key = tuple(sorted(int(j) for j in support))
+        if key not in self.cuts:
+            self.cuts[key] = solve_inner_svm(self.Z, self.y_pm, self.h, self.gamma, key, self.inner_tol)
+        return self.cuts[key]
+
+    def best(self, k):
+        found = [c for c in self.cuts.values() if len(c.support) == k]
+        return min(found, key=lambda c: c.value) if found else None
+
+    def solve(self, k: int, warm: list, time_limit: float, rel_gap: float, enumerate_limit: int) -> tuple:
+        start = time.perf_counter()
+        for support in warm:
+            if len(support) == k:
+                self.evaluate(support)
+        # greedy additions to the previous k's best support, ordered by the first-order gain of its cut
+        prev = self.best(k - 1)
+        if prev is not None:
+            gain = np.array(prev.coef)
+            gain[list(prev.support)] = np.inf
+            for j in np.argsort(gain)[:3]:
+                self.evaluate(prev.support + (int(j),))
+        p = self.Z.shape[1]
+        if math.comb(p, k) <= enumerate_limit:
+            master = _EnumeratedMaster(p, k)
+        else:
+            master = _Master(p, k)
+        for cut in self.cuts.values():
+            master.add_cut(cut)
+        history = []
+        status, lower = "time_limit", -math.inf
+        while True:
+            left = time_limit - (time.perf_counter() - start)
+            if left <= 0:
+                break
+            support, lower_now, optimal = master.solve(left)
+            lower = max(lower, lower_now)
+            best = self.best(k)
+            history.append((lower, best.value))
+            if support is None and optimal:  # every subset is cut off above the incumbent
+                status = "optimal"
+                break
+            if support is None or not optimal:
+                break  # master ran out of time
+            if best.value - lower <= rel_gap * max(abs(best.value), 1e-12):
+                status = "optimal"
+                break
+            if support in self.cuts:
+                status = "stalled"  # the master's pick is already cut off as well as the inner solves allow
+                break
+            master.add_cut(self.evaluate(support))
+            if isinstance(master, _EnumeratedMaster):
+                master.prune(self.best(k).value * (1 - rel_gap))
+        return self.best(k), lower, status, history, time.perf_counter() - start
+
+
+class _EnumeratedMaster:
+    """The same master problem solved exactly by listing every k-subset (when there are few enough).
+
+    For k <= 4 of a 50-feature pool (<= 230,300 subsets) evaluating the cut envelope max_m cut_m(s) on
+    every subset is a few milliseconds of numpy per cut, far cheaper than re-solving a MILP each round.
+    It also lets each cut use its best scaling lam in [0, 1] of the dual point (lam * alpha is feasible):
+    max_lam lam*A - lam^2*B = A - B if B <= A/2 else A^2/(4B), which HiGHS could only take as many rows.
+    """
+
+    def __init__(self, p: int, k: int):
+        self.combos = np.array(list(itertools.combinations(range(p), k)), dtype=np.intp).reshape(-1, k)
+        self.lower = np.full(len(self.combos), -np.inf)
+        self.floor = np.inf  # smallest bound among the subsets already pruned away
+
+    def add_cut(self, cut: SVMCut) -> None:
+        B = -cut.coef[self.combos].sum(axis=1)  # >= 0
+        A = cut.const
+        with np.errstate(divide="ignore"):
+            bound = np.where(B <= 0.5 * A, A - B, A * A / (4.0 * B))
+        np.maximum(self.lower, bound, out=self.lower)
+
+    def prune(self, threshold: float) -> None:
+        """Forget subsets whose bound already exceeds the threshold (they can never be optimal)."""
+        keep = self.lower < threshold
+        if not keep.all():
+            self.floor = min(self.floor, float(self.lower[~keep].min()))
+            self.combos, self.lower = self.combos[keep], self.lower[keep]
+
+    def solve(self, time_limit: float):
+        if len(self.lower) == 0:
+            return None, self.floor, True
+        i = int(np.argmin(self.lower))
+        return tuple(int(j) for j in self.combos[i]), min(float(self.lower[i]), self.floor), True
+
+
+def _osp_results(solver, pool_idx, ks, warm_by_k, time_limit, rel_gap, enumerate_limit) -> list[OSPResult]:
+    out = []
+    for k in ks:
+        best, lower, status, history, spent = solver.solve(
+            k, warm_by_k.get(k, []), time_limit, rel_gap, enumerate_limit
+        )
+        gap = max(best.value - lower, 0.0) / max(abs(best.value), 1e-12)
+        certified = status == "optimal" or gap <= rel_gap
+        out.append(
+            OSPResult(
+                k=k,
+                features=pool_idx[list(best.support)],
+                objective=best.value,
+                lower_bound=lower,
+                gap=gap,
+                certified=certified,
+                time_s=spent,
+                n_cuts=len(solver.cuts),
+                status="optimal" if certified else status,
+                pool=pool_idx,
+                history=history,
+            )
+        )
+    return out
+
+
+def optimal_sparse_probe_path(
+    X_train,
+    y_train,
+    ks=range(1, 9),
+    pool=50,
+    gamma: float | None = None,
+    time_limit: float = 60.0,
+    rel_gap: float = 1e-4,
+    class_weight: str | None = "balanced",
+    warm_starts: dict | None = None,
+    inner_tol: float = 1e-8,
+    enumerate_limit: int = 300_000,
+) -> list[OSPResult]:
+    """Optimal sparse probes for each k (ascending); each k is warm-started by the one before it.
+
+    ``pool``: how many top features by mean difference to search over (the paper used 50), or explicit
+    column indices.  ``gamma`` defaults to 1/sqrt(n_train).  ``time_limit`` is seconds per k; a solve that
+    runs out reports its gap instead of ``certified``.  ``warm_starts`` maps k to extra candidate supports
+    (column indices of X), e.g. another method's choices.  Warm starts always include the pool's top-k by
+    mean difference and the adaptive-thresholding support on the pool.  The master problem is solved by
+    HiGHS, or, when the pool has at most ``enumerate_limit`` k-subsets, by exact enumeration (faster).
+    """
+    from monoscope.probing.select import adaptive_thresholding
+
+    X = check_X(X_train, "X_train")
+    y01, _ = check_labels(y_train, X.shape[0], "y_train")
+    pool_idx, Z, y_pm, h = _prepare_pool(X, y01, pool, class_weight)
+    ks = sorted({int(k) for k in np.atleast_1d(ks)})
+    for k in ks:
+        _check_k(k, len(pool_idx))
+    gamma = 1.0 / math.sqrt(len(y01)) if gamma is None else float(gamma)
+    if not gamma > 0:
+        raise MonoscopeError(f"gamma must be positive, got {gamma}.")
+
+    position = {int(c): i for i, c in enumerate(pool_idx)}
+    warm_by_k: dict[int, list] = {k: [tuple(range(k))] for k in ks}  # pool is mean-diff ordered when sized
+    at = adaptive_thresholding(Z, y01, ks=ks)
+    for k in ks:
+        warm_by_k[k].append(tuple(int(j) for j in at[k][0]))
+        for support in (warm_starts or {}).get(k, []):
+            inside = [position[int(c)] for c in support if int(c) in position]
+            if len(inside) == k:
+                warm_by_k[k].append(tuple(inside))
+    solver = _Solver(Z, y_pm, h, gamma, inner_tol)
+    # every linear-algebra call here is tiny: extra BLAS threads only add contention
+    with threadpool_limits(1):
+        return _osp_results(solver, pool_idx, ks, warm_by_k, time_limit, rel_gap, enumerate_limit)
+
+
+def optimal_sparse_probe(X_train, y_train, k: int, **options) -> OSPResult:
+    """The best k-subset of the pool for the hinge + ridge SVM; options as in optimal_sparse_probe_path.
+
+    Solving the path 1..k is usually faster than k alone (warm starts and shared cuts), but only k is
+    asked for here, so only k is solved.
+    """
+    return optimal_sparse_probe_path(X_train, y_train, [k], **options)[0]

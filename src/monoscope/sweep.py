@@ -1,0 +1,185 @@
+"""Train and evaluate a grid of SAEs (architectures × sparsity settings) and plot the sparsity frontier.
+
+The headline comparison of the JumpReLU paper: delta LM loss (and FVU) against L0, one curve per
+architecture, at one dictionary size. Every SAE lives in its own folder named by its settings and run hash,
+so a rerun reuses finished SAEs and evaluations and only does what is missing.
+
+    out/
+      saes/topk_k32_<hash>/       cfg.json, sae_weights.safetensors, train.json, metrics.csv, eval.json
+      sweep.csv                   one row per SAE
+      delta_loss_vs_l0.png        (when the LM was evaluated)
+      fvu_vs_l0.png
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from monoscope.artifacts import atomic_path, read_json, write_json
+from monoscope.config import to_dict
+from monoscope.errors import MonoscopeError
+from monoscope.train import SIDECAR, TrainConfig, run_hash, store_identity, train_sae
+
+# Which sparsity knob each architecture is swept over: (TrainConfig field, SweepConfig field with its values).
+KNOBS = {
+    "topk": ("k", "k_values"),
+    "batchtopk": ("k", "k_values"),
+    "matryoshka": ("k", "k_values"),
+    "jumprelu": ("target_l0", "target_l0_values"),
+    "relu": ("l1_coefficient", "l1_values"),
+    "gated": ("l1_coefficient", "l1_values"),
+}
+COLUMNS = ("architecture", "knob", "value", "d_in", "d_sae", "train_tokens", "l0", "fvu", "explained_variance",
+           "mse", "cosine", "relative_reconstruction_bias", "dead_fraction", "delta_loss", "ce_loss_recovered",
+           "kl_score", "train_tokens_per_s", "folder")
+
+
+@dataclass
+class SweepConfig:
+    """A grid of SAEs: every architecture with each value of its sparsity knob, all at one size."""
+
+    architectures: tuple[str, ...] = field(default=("topk", "batchtopk", "jumprelu"),
+                                           metadata={"help": "architectures to train"})
+    k_values: tuple[int, ...] = field(default=(16, 32, 64), metadata={"help": "k for topk, batchtopk, matryoshka"})
+    target_l0_values: tuple[float, ...] = field(default=(16.0, 32.0, 64.0),
+                                                metadata={"help": "target L0 for jumprelu"})
+    l0_values: tuple[float, ...] = field(default=(), metadata={
+        "help": "jumprelu L0 coefficients, used instead of target L0 values when given"})
+    l1_values: tuple[float, ...] = field(default=(2.0, 5.0, 10.0), metadata={"help": "L1 coefficients for relu, gated"})
+    d_sae: int | None = field(default=None, metadata={"help": "latents per SAE (default expansion_factor * d)"})
+    expansion_factor: int = field(default=16, metadata={"help": "latents per input dimension"})
+    tokens: int | None = field(default=None, metadata={"help": "training tokens per SAE (default: one epoch)"})
+    steps: int | None = field(default=None, metadata={"help": "training steps per SAE (instead of tokens)"})
+    batch_size: int = field(default=4096, metadata={"help": "tokens per step"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate (default: the 1/sqrt(m) rule)"})
+    seed: int = field(default=0, metadata={"help": "seed of every run"})
+    hook: str | None = field(default=None, metadata={"help": "hook (default: the store's only hook)"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    eval_tokens: int = field(default=100_000, metadata={"help": "validation rows for the reconstruction metrics"})
+    lm_contexts: int = field(default=32, metadata={"help": "validation contexts for the spliced LM loss (0: skip)"})
+
+
+def _runs(cfg: SweepConfig) -> list[tuple[str, str, float]]:
+    runs = []
+    for arch in cfg.architectures:
+        if arch not in KNOBS:
+            raise MonoscopeError(f"unknown architecture {arch!r} in the sweep; choose from {', '.join(KNOBS)}")
+        knob, values_field = KNOBS[arch]
+        if arch == "jumprelu" and cfg.l0_values:
+            knob, values_field = "l0_coefficient", "l0_values"
+        values = getattr(cfg, values_field)
+        if not values:
+            raise MonoscopeError(f"no values to sweep for {arch} (set --{values_field.replace('_', '-')})")
+        runs += [(arch, knob, v) for v in values]
+    return runs
+
+
+def _train_config(cfg: SweepConfig, arch: str, knob: str, value: float) -> TrainConfig:
+    tc = TrainConfig(architecture=arch, d_sae=cfg.d_sae, expansion_factor=cfg.expansion_factor, tokens=cfg.tokens,
+                     steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, hook=cfg.hook,
+                     device=cfg.device)
+    setattr(tc, knob, int(value) if knob == "k" else float(value))
+    return tc
+
+
+def _eval_is_current(path: Path, val_store: Path, tokens: int, lm_contexts: int) -> bool:
+    if not path.exists():
+        return False
+    m = read_json(path)
+    return (m.get("store") == str(val_store.resolve()) and m.get("tokens") == tokens
+            and m.get("lm_contexts", 0) == lm_contexts)
+
+
+def run_sweep(cfg: SweepConfig, train_store, val_store, out, lm=None, show_progress: bool | None = None) -> Path:
+    """Train (or reuse) and evaluate every SAE of the grid; write sweep.csv and the plots into ``out``."""
+    from monoscope.evaluate import EVAL_FILE, evaluate_sae
+    from monoscope.store import ActivationStore
+
+    out, val_store = Path(out), Path(val_store)
+    runs = _runs(cfg)
+    train = ActivationStore(train_store)
+    val = ActivationStore(val_store)
+    hook = train.hook(cfg.hook)
+    if hook not in val.hooks or val.d(hook) != train.d(hook) or val.model != train.model:
+        raise MonoscopeError(f"the validation store ({val.model}, hooks {val.hooks}) does not match the training "
+                             f"store ({train.model}, {hook} d={train.d(hook)}); extract both from the same model "
+                             f"and hook")
+    identity = store_identity(train)
+    eval_tokens = min(cfg.eval_tokens, val.num_rows)
+    lm_contexts = min(cfg.lm_contexts, val.contexts_done) if cfg.lm_contexts else 0
+    if lm_contexts and lm is None:
+        from monoscope.models import load_model
+
+        lm = load_model(val.model, device=cfg.device)
+
+    rows = []
+    for i, (arch, knob, value) in enumerate(runs):
+        tc = _train_config(cfg, arch, knob, value)
+        folder = out / "saes" / f"{arch}_{knob}{value:g}_{run_hash(tc, identity)[:8]}"
+        print(f"[{i + 1}/{len(runs)}] {arch} {knob}={value:g} -> {folder}", flush=True)
+        train_sae(tc, train_store, folder, show_progress=show_progress)
+        eval_path = folder / EVAL_FILE
+        if _eval_is_current(eval_path, val_store, eval_tokens, lm_contexts):
+            m = read_json(eval_path)
+        else:
+            m = evaluate_sae(folder, val_store, lm=lm, max_tokens=eval_tokens, lm_contexts=lm_contexts,
+                             hook=hook, device=cfg.device, show_progress=show_progress)
+        t = read_json(folder / SIDECAR)
+        rows.append({"architecture": arch, "knob": knob, "value": value, "d_in": t["d_in"], "d_sae": t["d_sae"],
+                     "train_tokens": t["total_tokens"], "train_tokens_per_s": t["timings"]["tokens_per_s"],
+                     "folder": str(folder.relative_to(out)), **{k: m.get(k) for k in COLUMNS if k in m}})
+
+    with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    title = (f"{train.model} {hook}: d_in {rows[0]['d_in']}, d_sae {rows[0]['d_sae']}, "
+             f"{rows[0]['train_tokens']:,} training tokens")
+    plot_frontier(rows, "fvu", "FVU (fraction of variance unexplained)", title, out / "fvu_vs_l0.png")
+    if lm_contexts:
+        plot_frontier(rows, "delta_loss", "delta LM loss (nats)", title, out / "delta_loss_vs_l0.png")
+    write_json(out / "sweep.json", {"config": to_dict(cfg), "train_store": str(Path(train_store).resolve()),
+                                    "val_store": str(val_store.resolve()), "runs": rows})
+    return out
+
+
+def plot_frontier(rows: list[dict], metric: str, ylabel: str, title: str, path: Path) -> None:
+    """One curve per architecture of ``metric`` against L0 (log x), saved atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for arch in dict.fromkeys(r["architecture"] for r in rows):
+        pts = sorted((r["l0"], r[metric]) for r in rows if r["architecture"] == arch and r.get(metric) is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=arch)
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def setup_sweep(p: argparse.ArgumentParser):
+    """`monoscope sweep --train-store DIR --val-store DIR --out DIR [grid flags]`."""
+    from monoscope.config import add_arguments, from_namespace
+
+    add_arguments(p, SweepConfig)
+    p.add_argument("--train-store", required=True, help="activation store to train on")
+    p.add_argument("--val-store", required=True, help="held-out activation store to evaluate on")
+    p.add_argument("--out", required=True, help="sweep folder (finished SAEs in it are reused)")
+
+    def run(ns):
+        out = run_sweep(from_namespace(SweepConfig, ns), ns.train_store, ns.val_store, ns.out)
+        print((out / "sweep.csv").read_text())
+        print(f"plots in {out}")
+    return run

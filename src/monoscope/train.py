@@ -1,0 +1,542 @@
+"""Train a sparse autoencoder on an activation store.
+
+One loop for every architecture in ``monoscope.sae.REGISTRY``: the SAE computes its own loss
+(``training_forward``), the trainer owns everything around it:
+
+- data: shuffled batches streamed from the store, epoch after epoch, scaled by a constant s so that
+  E‖s·x‖² = d (estimated on a sample and folded into the saved weights);
+- optimisation: Adam, linear lr warm-up, linear decay to 0 over the last ``lr_decay_fraction`` of the
+  steps, a linear warm-up of the sparsity coefficient, gradient clipping, unit-norm decoder handling via
+  the SAE's ``before_step`` / ``after_step``;
+- dead latents: tokens since each latent last fired, turned into the ``dead_mask`` AuxK needs;
+- checkpoints: every ``checkpoint_every`` steps (weights, Adam state, step, dead counters, RNG state) in
+  safetensors + JSON, written atomically. The data position is a pure function of the step
+  (epoch = step // batches_per_epoch, start_batch = step % batches_per_epoch), so a run killed at any
+  moment and started again ends with exactly the weights of an uninterrupted run;
+- several processes: under ``torchrun`` (WORLD_SIZE > 1) every rank reads its own disjoint part of each
+  epoch (global batch / world size rows per step) and gradients are averaged with one all-reduce, which
+  is the whole of what DistributedDataParallel would do here. Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from monoscope.artifacts import atomic_path, fsync_dir, library_versions, now_iso, read_json, write_json
+from monoscope.config import config_hash, to_dict
+from monoscope.errors import MonoscopeError
+from monoscope.progress import progress_bar
+
+CHECKPOINT_DIR = "checkpoint"
+SIDECAR = "train.json"
+METRICS = "metrics.csv"
+# Settings that change how a run is watched or where it runs, never its result.
+_NOT_HASHED = ("device", "log_every", "checkpoint_every")
+
+
+@dataclass
+class TrainConfig:
+    """How to train one SAE. Sparsity settings left at None take the architecture's defaults."""
+
+    architecture: str = field(default="topk", metadata={"help": "SAE architecture: topk, batchtopk, jumprelu, "
+                                                                 "relu, gated, matryoshka (see monoscope.sae)"})
+    d_sae: int | None = field(default=None, metadata={"help": "number of latents (default: expansion_factor * d)"})
+    expansion_factor: int = field(default=16, metadata={"help": "latents per input dimension when d_sae is not given"})
+    k: int = field(default=32, metadata={"help": "active latents per token (topk, batchtopk, matryoshka)"})
+    l1_coefficient: float | None = field(default=None, metadata={"help": "L1 penalty weight (relu, gated)"})
+    l0_coefficient: float | None = field(default=None, metadata={"help": "L0 penalty weight (jumprelu)"})
+    target_l0: float | None = field(default=None, metadata={"help": "jumprelu: aim the L0 penalty at this L0"})
+    aux_k: int | None = field(default=None, metadata={"help": "dead latents used by the AuxK loss (default d/2)"})
+    aux_coefficient: float | None = field(default=None, metadata={"help": "weight of the AuxK loss (default 1/32)"})
+    matryoshka_widths: tuple[int, ...] = field(default=(), metadata={"help": "nested prefix widths (matryoshka)"})
+    lr: float | None = field(default=None, metadata={"help": "Adam learning rate (default 2e-4/sqrt(d_sae/2^14))"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up steps"})
+    lr_decay_fraction: float = field(default=0.2, metadata={"help": "final share of steps with linear lr decay to 0"})
+    sparsity_warmup_fraction: float = field(default=0.05, metadata={"help": "share of steps over which the "
+                                                                             "sparsity coefficient ramps up"})
+    batch_size: int = field(default=4096, metadata={"help": "tokens per step (global, over all processes)"})
+    tokens: int | None = field(default=None, metadata={"help": "training tokens (default: one pass over the store)"})
+    steps: int | None = field(default=None, metadata={"help": "training steps (instead of --tokens)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})
+    checkpoint_every: int = field(default=1000, metadata={"help": "steps between resumable checkpoints (0: none)"})
+    dead_window_tokens: int | None = field(default=None, metadata={
+        "help": "a latent is dead after this many tokens without firing (default min(10M, tokens/10))"})
+    log_every: int = field(default=50, metadata={"help": "steps between rows of metrics.csv"})
+    hook: str | None = field(default=None, metadata={"help": "hook to train on (default: the store's only hook)"})
+    device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda)"})
+    normalize: bool = field(default=True, metadata={"help": "scale inputs so E|s x|^2 = d; s is folded into "
+                                                            "the saved weights"})
+    shuffle_buffer_rows: int = field(default=262144, metadata={"help": "rows in the shuffle buffer"})
+    sample_rows: int = field(default=16384, metadata={"help": "rows sampled for the input scale and b_dec init"})
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: str) -> _Dist:
+    """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        owns = True
+    return _Dist(rank, world, local, owns)
+
+
+def default_lr(d_sae: int) -> float:
+    """Adam lr rule of thumb from Gao et al. (2024): 2e-4 scaled by 1/sqrt(m / 2^14)."""
+    return 2e-4 / math.sqrt(d_sae / 2 ** 14)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, decay_fraction: float) -> float:
+    """Linear warm-up, constant, then linear decay to 0 over the last ``decay_fraction`` of the steps."""
+    scale = 1.0
+    if warmup > 0 and step < warmup:
+        scale = (step + 1) / warmup
+    decay_steps = int(total * decay_fraction)
+    if decay_steps > 0 and step >= total - decay_steps:
+        scale = min(scale, (total - step) / decay_steps)
+    return base * scale
+
+
+def sparsity_scale_at(step: int, total: int, fraction: float) -> float:
+    warm = int(total * fraction)
+    return 1.0 if warm <= 0 else min(1.0, (step + 1) / warm)
+
+
+def run_hash(cfg: TrainConfig, store_identity: str) -> str:
+    """Identity of a run's result: every setting that changes the weights plus the training data."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_HASHED}
+    return config_hash(settings, store_identity)
+
+
+def store_identity(store) -> str:
+    """The store's content identity: its extraction input hash and the checksums of its shards."""
+    return config_hash(store.meta.get("input_hash"), sorted(store.hooks), [s.get("sha256") for s in store.shards])
+
+
+def _sae_config(cfg: TrainConfig, d_in: int, d_sae: int, hook: str, model: str):
+    """Build the SAE's config, passing only the settings the user gave (None keeps the SAE default)."""
+    from monoscope.sae import SAEConfig
+
+    wanted: dict[str, Any] = dict(architecture=cfg.architecture, d_in=d_in, d_sae=d_sae, k=cfg.k,
+                                  l1_coefficient=cfg.l1_coefficient, l0_coefficient=cfg.l0_coefficient,
+                                  target_l0=cfg.target_l0, aux_k=cfg.aux_k, aux_coefficient=cfg.aux_coefficient,
+                                  matryoshka_widths=tuple(cfg.matryoshka_widths) or None,
+                                  hook_name=hook, model_name=model)
+    names = {f.name for f in dataclasses.fields(SAEConfig)}
+    return SAEConfig(**{k: v for k, v in wanted.items() if v is not None and k in names})
+
+
+def _check_settings(cfg: TrainConfig, d_sae: int, world: int) -> None:
+    from monoscope.sae import REGISTRY
+
+    if cfg.architecture not in REGISTRY:
+        raise MonoscopeError(f"unknown SAE architecture {cfg.architecture!r}; choose one of {', '.join(REGISTRY)}")
+    if d_sae < 1 or cfg.expansion_factor < 1:
+        raise MonoscopeError(f"d_sae must be a positive number of latents, got {d_sae}")
+    if cfg.architecture in ("topk", "batchtopk", "matryoshka") and not 0 < cfg.k <= d_sae:
+        raise MonoscopeError(f"k={cfg.k} must lie in 1..d_sae={d_sae}; lower --k or raise --d-sae")
+    if cfg.batch_size < 1 or cfg.batch_size % world:
+        raise MonoscopeError(f"batch_size {cfg.batch_size} must be a positive multiple of the number of "
+                             f"processes ({world}); each process takes batch_size / {world} rows per step")
+    for name in ("tokens", "steps"):
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise MonoscopeError(f"{name} must be positive, got {v}")
+    if cfg.tokens is not None and cfg.steps is not None and math.ceil(cfg.tokens / cfg.batch_size) != cfg.steps:
+        raise MonoscopeError(f"give either --tokens or --steps, not both (tokens={cfg.tokens} is "
+                             f"{math.ceil(cfg.tokens / cfg.batch_size)} steps at batch {cfg.batch_size}, steps={cfg.steps})")
+    if not 0 <= cfg.lr_decay_fraction <= 1 or not 0 <= cfg.sparsity_warmup_fraction <= 1:
+        raise MonoscopeError("lr_decay_fraction and sparsity_warmup_fraction must lie in [0, 1]")
+    if cfg.lr is not None and cfg.lr <= 0:
+        raise MonoscopeError(f"lr must be positive, got {cfg.lr}")
+
+
+def _sample(store, hook: str, n: int, seed: int) -> torch.Tensor:
+    """A fixed random sample of rows (the same on every rank), sorted for sequential reads."""
+    n = min(n, store.num_rows)
+    idx = np.sort(np.random.default_rng([seed, 7]).choice(store.num_rows, n, replace=False))
+    return store.rows(idx, hook)
+
+
+def input_scale(sample: torch.Tensor) -> float:
+    """s with E‖s·x‖² = d on the sample."""
+    mean_sq = sample.double().pow(2).sum(1).mean().item()
+    if not mean_sq > 0:
+        raise MonoscopeError("the activations are all zero; nothing to train an SAE on (check the hook)")
+    return math.sqrt(sample.shape[1] / mean_sq)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def _save_checkpoint(out: Path, step: int, sae, opt, since_fired: torch.Tensor, state: dict) -> None:
+    """Tensors to a new safetensors file, then the JSON that points at it (the commit), then clean up."""
+    from safetensors.torch import save_file
+
+    folder = out / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v for k, v in sae.state_dict().items()}
+    opt_sd = opt.state_dict()
+    for i, st in opt_sd["state"].items():
+        for name, v in st.items():
+            tensors[f"optim.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["dead.tokens_since_fired"] = since_fired
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
+    name = f"state_{step:09d}.safetensors"
+    with atomic_path(folder / name) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(folder / "checkpoint.json", {**state, "step": step, "file": name,
+                                            "param_groups": opt_sd["param_groups"], "saved": now_iso()})
+    for old in folder.glob("state_*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def _load_checkpoint(out: Path, want_hash: str, sae, opt, device) -> tuple[dict, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    path = out / CHECKPOINT_DIR / "checkpoint.json"
+    if not path.exists():
+        return None
+    state = read_json(path)
+    if state.get("run_hash") != want_hash:
+        raise MonoscopeError(f"{out} holds a checkpoint of a run with other settings or other data "
+                             f"(hash {state.get('run_hash')} vs {want_hash}); resume with the same config and "
+                             f"store, or choose a new output folder (or delete {out / CHECKPOINT_DIR})")
+    tensors = load_file(str(out / CHECKPOINT_DIR / state["file"]), device="cpu")
+    sae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    per_param: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            per_param.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return state, tensors["dead.tokens_since_fired"].to(device)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+class _MetricsLog:
+    """metrics.csv, appended row by row; on resume rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path, self.columns = path, None
+        if resume_step is None or not path.exists():
+            path.unlink(missing_ok=True)
+            return
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        rows = [r for r in rows if int(r["step"]) <= resume_step]
+        if rows:
+            self.columns = list(rows[0])
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            if rows:
+                w = csv.DictWriter(fh, self.columns)
+                w.writeheader()
+                w.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        new = self.columns is None
+        if new:
+            self.columns = list(row)
+        with open(self.path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, self.columns, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def train_sae(cfg: TrainConfig, store_folder: str | Path, out_folder: str | Path,
+              show_progress: bool | None = None,
+              callback: Callable[[int, dict], None] | None = None) -> Path:
+    """Train an SAE on ``store_folder`` into ``out_folder`` (resuming a checkpoint there); return the folder.
+
+    A folder already holding a finished run with the same settings and data is returned untouched.
+    ``callback(step, info)`` runs on rank 0 after every step (custom logging; raising stops the run).
+    """
+    from monoscope.sae import build_sae
+    from monoscope.store import ActivationStore
+
+    started = time.perf_counter()
+    out = Path(out_folder)
+    dist_ = _init_distributed(cfg.device)
+    try:
+        store = ActivationStore(store_folder)
+        hook = store.hook(cfg.hook)
+        d = store.d(hook)
+        d_sae = cfg.d_sae if cfg.d_sae is not None else cfg.expansion_factor * d
+        _check_settings(cfg, d_sae, dist_.world)
+        identity = store_identity(store)
+        rhash = run_hash(cfg, identity)
+        sidecar = out / SIDECAR
+        if sidecar.exists():
+            done = read_json(sidecar)
+            if done.get("run_hash") == rhash:
+                return out
+            raise MonoscopeError(f"{out} already holds an SAE trained with other settings or data; choose a new "
+                                 f"output folder or delete it")
+        if out.exists() and not out.is_dir():
+            raise MonoscopeError(f"{out} is a file; the SAE output must be a folder")
+
+        device = torch.device(f"cuda:{dist_.local_rank}" if cfg.device == "cuda" and dist_.world > 1 else cfg.device)
+        per_rank = cfg.batch_size // dist_.world
+        batches_per_epoch = (store.num_rows // dist_.world) // per_rank
+        if batches_per_epoch < 1:
+            raise MonoscopeError(f"the store has {store.num_rows} rows, fewer than one batch of {cfg.batch_size}; "
+                                 f"lower --batch-size or extract more tokens")
+        total_steps = cfg.steps or math.ceil((cfg.tokens or batches_per_epoch * cfg.batch_size) / cfg.batch_size)
+        total_tokens = total_steps * cfg.batch_size
+        dead_window = cfg.dead_window_tokens or max(cfg.batch_size, min(10_000_000, total_tokens // 10))
+
+        # data checks before any work: NaN/inf anywhere (names shard and row), then the sample
+        store.check_finite(hook)
+        sample = _sample(store, hook, cfg.sample_rows, cfg.seed)
+        scale = input_scale(sample) if cfg.normalize else 1.0
+
+        torch.manual_seed(cfg.seed)
+        sae_cfg = _sae_config(cfg, d, d_sae, hook, store.model)
+        sae = build_sae(sae_cfg)
+        sae.init_from_data(sample * scale)
+        sae.to(device)
+        lr = cfg.lr or default_lr(d_sae)
+        params = [p for p in sae.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr)
+        since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+
+        step = 0
+        resumed = _load_checkpoint(out, rhash, sae, opt, device)
+        if resumed is not None:
+            state, since_fired = resumed
+            step = int(state["step"])
+            if abs(state["scale"] - scale) > 1e-12 * max(1.0, scale):
+                raise MonoscopeError(f"the checkpoint in {out} was made with input scale {state['scale']}, "
+                                     f"this run computes {scale}; the store changed: start a new output folder")
+        log = None
+        if dist_.main:
+            out.mkdir(parents=True, exist_ok=True)
+            log = _MetricsLog(out / METRICS, step if resumed is not None else None)
+
+        state_json = {"run_hash": rhash, "scale": scale, "total_steps": total_steps,
+                      "config": to_dict(cfg), "world_size": dist_.world}
+        bar = progress_bar(total=total_tokens, initial=step * cfg.batch_size, unit="tok",
+                           desc=f"train {cfg.architecture} {hook}",
+                           enable=show_progress if dist_.main else False)
+        window: dict[str, torch.Tensor] = {}
+        window_steps = 0
+        loop_started = time.perf_counter()
+        first_step = step
+        final: dict[str, float] = {}
+        while step < total_steps:
+            epoch, start_batch = divmod(step, batches_per_epoch)
+            stream = store.batches(hook, per_rank, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                   buffer_rows=max(cfg.shuffle_buffer_rows, per_rank), rank=dist_.rank,
+                                   world_size=dist_.world, drop_last=True, start_batch=start_batch, device=device)
+            for x in stream:
+                x = x * scale if scale != 1.0 else x
+                sae.train()
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, total_steps, lr, cfg.lr_warmup_steps, cfg.lr_decay_fraction)
+                res = sae.training_forward(x, dead_mask=since_fired >= dead_window,
+                                           sparsity_scale=sparsity_scale_at(step, total_steps,
+                                                                            cfg.sparsity_warmup_fraction))
+                opt.zero_grad(set_to_none=True)
+                res.loss.backward()
+                fired = res.fired
+                if dist_.world > 1:
+                    fired = _sync(params, fired, sae, dist_.world)
+                sae.before_step()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sae.after_step()
+                with torch.no_grad():
+                    since_fired += cfg.batch_size
+                    since_fired[fired.to(device)] = 0
+                    _accumulate(window, x, res)
+                window_steps += 1
+                step += 1
+                bar.update(cfg.batch_size)
+
+                if step % cfg.log_every == 0 or step == total_steps:
+                    row = _summarise(window, window_steps, dist_.world)
+                    row.update(step=step, tokens=step * cfg.batch_size, lr=opt.param_groups[0]["lr"],
+                               dead_fraction=(since_fired >= dead_window).float().mean().item(),
+                               elapsed_s=round(time.perf_counter() - started, 3),
+                               tokens_per_s=round((step - first_step) * cfg.batch_size
+                                                  / max(1e-9, time.perf_counter() - loop_started), 1))
+                    window, window_steps, final = {}, 0, row
+                    if dist_.main:
+                        log.write({k: row[k] for k in ("step", "tokens", "lr")} | row)
+                        bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}", FVU=f"{row['fvu']:.3f}",
+                                        dead=f"{row['dead_fraction']:.1%}", refresh=False)
+                if dist_.main and callback is not None:
+                    callback(step, {"loss": res.loss.item()})
+                if dist_.main and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                    _save_checkpoint(out, step, sae, opt, since_fired, state_json)
+                if step >= total_steps:
+                    break
+        bar.close()
+        loop_seconds = time.perf_counter() - loop_started
+        if dist_.world > 1:
+            _check_replicas_agree(sae)
+
+        if dist_.main:
+            sae.fold_input_scale(scale)
+            _save_into(sae.to("cpu"), out, {"trained_by": "monoscope", "run_hash": rhash, "input_scale": scale})
+            trained = total_steps - first_step
+            write_json(sidecar, {
+                "kind": "sae", "run_hash": rhash, "config": to_dict(cfg), "sae_config": to_dict(sae_cfg),
+                "store": {"folder": str(Path(store_folder).resolve()), "identity": identity,
+                          "input_hash": store.meta.get("input_hash"), "model": store.model,
+                          "model_fingerprint": store.model_fingerprint, "hook": hook, "rows": store.num_rows},
+                "d_in": d, "d_sae": d_sae, "input_scale": scale, "lr": lr, "total_steps": total_steps,
+                "total_tokens": total_tokens, "dead_window_tokens": dead_window, "world_size": dist_.world,
+                "resumed_from_step": first_step if resumed is not None else None,
+                "timings": {"seconds": round(time.perf_counter() - started, 3),
+                            "train_loop_seconds": round(loop_seconds, 3),
+                            "tokens_per_s": round(trained * cfg.batch_size / max(loop_seconds, 1e-9), 1)},
+                "final_metrics": final, "library_versions": library_versions(), "finished": now_iso(),
+            })
+            for f in (out / CHECKPOINT_DIR).glob("*"):
+                f.unlink(missing_ok=True)
+            if (out / CHECKPOINT_DIR).exists():
+                (out / CHECKPOINT_DIR).rmdir()
+        if dist_.world > 1:
+            torch.distributed.barrier()
+        return out
+    finally:
+        if dist_.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _save_into(sae, out: Path, metadata: dict) -> None:
+    """save_sae replaces a whole folder, so save beside ``out`` and move the two files in (each atomically);
+    metrics.csv and the checkpoint stay. train.json, written after this, marks the run finished."""
+    import shutil
+
+    from monoscope.sae.io import save_sae
+
+    tmp = out.parent / f".{out.name}.sae.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_sae(sae, tmp, extra_metadata=metadata)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    fsync_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sync(params, fired: torch.Tensor, sae, world: int) -> torch.Tensor:
+    """Average gradients and float buffers over ranks; OR the fired masks (one all-reduce each)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+    bufs = [b for b in sae.buffers() if b.is_floating_point()]
+    if bufs:  # e.g. BatchTopK's running threshold: keep the replicas identical
+        flatb = torch.cat([b.reshape(-1) for b in bufs])
+        dist.all_reduce(flatb)
+        flatb /= world
+        offset = 0
+        for b in bufs:
+            b.copy_(flatb[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+    f = fired.to(torch.uint8)
+    dist.all_reduce(f, op=dist.ReduceOp.MAX)
+    return f.bool()
+
+
+def _check_replicas_agree(sae) -> None:
+    """Every rank must end with the same weights; anything else is a bug in the gradient sync."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        c = torch.stack([p.double().sum() for p in sae.parameters()])
+        lo, hi = c.clone(), c.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError("SAE replicas diverged across ranks; gradient synchronisation is broken")
+
+
+def _accumulate(window: dict[str, torch.Tensor], x: torch.Tensor, res) -> None:
+    """Sum per-step statistics on the device; read back only when a metrics row is written."""
+    sse = (x - res.x_hat).pow(2).sum()
+    var = (x - x.mean(0)).pow(2).sum()
+    items = {"loss": res.loss.detach(), "l0": torch.as_tensor(res.l0, dtype=torch.float32).detach(),
+             "_sse": sse, "_var": var}
+    items.update({k: torch.as_tensor(v).detach().float() for k, v in (res.terms or {}).items()})
+    for k, v in items.items():
+        v = v.reshape(()).to(torch.float64)
+        window[k] = window[k] + v if k in window else v
+
+
+def _summarise(window: dict[str, torch.Tensor], n: int, world: int) -> dict[str, float]:
+    keys = sorted(window)
+    vals = torch.stack([window[k] for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(vals)
+    vals = vals.tolist()
+    sums = dict(zip(keys, vals))
+    row = {k: v / (n * world) for k, v in sums.items() if not k.startswith("_")}
+    row["fvu"] = sums["_sse"] / max(sums["_var"], 1e-30) if "_sse" in sums else float("nan")
+    return row
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+def setup_train(p: argparse.ArgumentParser):
+    """`monoscope train --store DIR --out DIR [flags]`."""
+    from monoscope.config import add_arguments, from_namespace
+
+    add_arguments(p, TrainConfig)
+    p.add_argument("--store", required=True, help="activation store folder to train on")
+    p.add_argument("--out", required=True, help="SAE folder to write (a checkpoint there is resumed)")
+
+    def run(ns):
+        out = train_sae(from_namespace(TrainConfig, ns), ns.store, ns.out)
+        info = read_json(out / SIDECAR)
+        m = info.get("final_metrics", {})
+        print(f"SAE saved to {out}: {info['config']['architecture']} d_in {info['d_in']} d_sae {info['d_sae']}, "
+              f"{info['total_tokens']:,} tokens; final L0 {m.get('l0', float('nan')):.1f}, "
+              f"FVU {m.get('fvu', float('nan')):.4f}, dead {m.get('dead_fraction', float('nan')):.1%}")
+    return run
