@@ -9,7 +9,6 @@ the BOS position is left out, because it is the same in every run and would only
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -116,6 +115,19 @@ def reconstruction_metrics(sae, batches, d_sae: int, device="cpu", show_progress
     }
 
 
+def _rows_without_bos(store, hook: str, batch_size: int, n: int):
+    """The first ``n`` rows in order; in a store extracted with keep_bos the BOS rows (each context's first
+    row) are dropped, so BOS's huge norm never enters the metrics."""
+    keep_bos = bool(store.meta.get("config", {}).get("keep_bos", False))
+    if not keep_bos:
+        yield from store.iter_rows(hook, batch_size, stop=n)
+        return
+    ctx = store.context_ids()[:n]
+    first = np.r_[True, ctx[1:] != ctx[:-1]]
+    for a, x in zip(range(0, n, batch_size), store.iter_rows(hook, batch_size, stop=n)):
+        yield x[torch.from_numpy(~first[a:a + len(x)])]
+
+
 def store_contexts(store, n_contexts: int, bos_id: int | None) -> list[list[int]]:
     """Rebuild the first ``n_contexts`` contexts of a store: BOS + the context's stored tokens in row order."""
     ctx = store.context_ids()
@@ -219,7 +231,7 @@ def evaluate_sae(sae_or_folder, store_folder, lm=None, max_tokens: int = 200_000
         raise MonoscopeError("max_tokens and batch_size must be positive and lm_contexts non-negative")
     sae = sae.to(device).eval()
     n = min(max_tokens, store.num_rows)
-    result = reconstruction_metrics(sae, store.iter_rows(hook, batch_size, stop=n), sae.cfg.d_sae, device,
+    result = reconstruction_metrics(sae, _rows_without_bos(store, hook, batch_size, n), sae.cfg.d_sae, device,
                                     show_progress, total=n)
     mean_act = result.pop("_mean")
 

@@ -51,13 +51,13 @@ class RunConfig:
                                             metadata={"help": "probing datasets (see `monoscope datasets`)"})
     probe_layers: tuple[int, ...] = field(default=(), metadata={"help": "layers to probe (default: every 3rd + last)"})
     probe_ks: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32), metadata={"help": "k grid of the probes"})
-    probe_methods: tuple[str, ...] = field(default=("adaptive", "mean_diff", "osp"),
-                                           metadata={"help": "feature-selection methods"})
-    osp_max_k: int = field(default=3, metadata={"help": "largest k of optimal sparse probing"})
+    probe_methods: tuple[str, ...] = field(default=("adaptive", "mean_diff"),
+                                           metadata={"help": "feature-selection methods of the layer sweep"})
+    osp_max_k: int = field(default=3, metadata={"help": "largest k of optimal sparse probing (at the SAE layer)"})
     probe_examples: int = field(default=300, metadata={"help": "examples per probing dataset"})
     probe_max_length: int = field(default=64, metadata={"help": "tokens per probing example"})
-    explain_features: int = field(default=4, metadata={"help": "SAE features explained automatically"})
-    explain_neurons: int = field(default=4, metadata={"help": "MLP neurons explained automatically"})
+    explain_features: int = field(default=3, metadata={"help": "SAE features explained automatically"})
+    explain_neurons: int = field(default=3, metadata={"help": "MLP neurons explained automatically"})
     explain_backend: str = field(default="", metadata={"help": "autointerp backend spec (default: hf:<model>)"})
     steer_samples: int = field(default=20, metadata={"help": "generations per arm of the steering demo"})
     steer_tokens: int = field(default=24, metadata={"help": "tokens generated per steering sample"})
@@ -208,11 +208,15 @@ def run_pipeline(cfg: RunConfig, out: str | Path, show_progress: bool | None = N
         latents = run_probing(ProbeConfig(source=f"sae:{main_sae}", methods=("mean_diff", "adaptive"),
                                           controls=False, **common), folder / "sae", lm=lm,
                               show_progress=show_progress)
+        osp = run_probing(ProbeConfig(layers=(plan["layer"],), methods=("osp", "mean_diff", "adaptive", "l1_logreg"),
+                                      controls=False, **{**common, "ks": tuple(k for k in cfg.probe_ks
+                                                                              if k <= max(cfg.osp_max_k, 1))}),
+                          folder / "osp", lm=lm, show_progress=show_progress)
         resid = run_probing(ProbeConfig(layers=(plan["layer"],), hook_kind=cfg.sae_hook_kind,
                                         methods=("mean_diff", "adaptive"), controls=False, **common),
                             folder / "resid", lm=lm, show_progress=show_progress)
         return {"neurons": str(folder / "neurons"), "sae": str(folder / "sae"), "resid": str(folder / "resid"),
-                "rows": len(neurons) + len(latents) + len(resid)}
+                "osp": str(folder / "osp"), "rows": len(neurons) + len(latents) + len(resid) + len(osp)}
     probe = run.stage("probe", [base, plan, main_sae, cfg.probe_datasets, cfg.probe_ks, cfg.probe_methods,
                                 cfg.probe_examples, cfg.probe_max_length, cfg.osp_max_k], probe_body)
 
@@ -237,7 +241,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, show_progress: bool | None = N
         for kind, n in (("features", cfg.explain_features), ("neurons", cfg.explain_neurons)):
             ids = _sample_units(stats[kind], n, cfg.seed)
             explain_features(stats[kind], ids, backend, folder / f"{kind}.jsonl",
-                             ExplainConfig(seed=cfg.seed), progress=show_progress)
+                             ExplainConfig(seed=cfg.seed, n_explain=10, n_score=4, group_size=8, max_tokens=40),
+                             progress=show_progress)
             results[kind] = str(folder / f"{kind}.jsonl")
         return results
     explained = run.stage("explain", [stats, backend, cfg.explain_features, cfg.explain_neurons], explain_body)

@@ -48,14 +48,14 @@ class SweepConfig:
     l0_values: tuple[float, ...] = field(default=(), metadata={
         "help": "jumprelu L0 coefficients, used instead of target L0 values when given"})
     l1_values: tuple[float, ...] = field(default=(2.0, 5.0, 10.0), metadata={"help": "L1 coefficients for relu, gated"})
-    d_sae: int | None = field(default=None, metadata={"help": "latents per SAE (default expansion_factor * d)"})
+    d_sae: int | None = field(default=None, metadata={"help": "latents per SAE; unset: expansion_factor * d"})
     expansion_factor: int = field(default=16, metadata={"help": "latents per input dimension"})
-    tokens: int | None = field(default=None, metadata={"help": "training tokens per SAE (default: one epoch)"})
+    tokens: int | None = field(default=None, metadata={"help": "training tokens per SAE; unset: one epoch"})
     steps: int | None = field(default=None, metadata={"help": "training steps per SAE (instead of tokens)"})
     batch_size: int = field(default=4096, metadata={"help": "tokens per step"})
-    lr: float | None = field(default=None, metadata={"help": "learning rate (default: the 1/sqrt(m) rule)"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate; unset: the 1/sqrt(m) rule"})
     seed: int = field(default=0, metadata={"help": "seed of every run"})
-    hook: str | None = field(default=None, metadata={"help": "hook (default: the store's only hook)"})
+    hook: str | None = field(default=None, metadata={"help": "hook; unset: the store's only hook"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     eval_tokens: int = field(default=100_000, metadata={"help": "validation rows for the reconstruction metrics"})
     lm_contexts: int = field(default=32, metadata={"help": "validation contexts for the spliced LM loss (0: skip)"})
@@ -151,6 +151,7 @@ def plot_frontier(rows: list[dict], metric: str, ylabel: str, title: str, path: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for arch in dict.fromkeys(r["architecture"] for r in rows):
@@ -158,6 +159,8 @@ def plot_frontier(rows: list[dict], metric: str, ylabel: str, title: str, path: 
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=arch)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

@@ -50,30 +50,30 @@ class TrainConfig:
 
     architecture: str = field(default="topk", metadata={"help": "SAE architecture: topk, batchtopk, jumprelu, "
                                                                  "relu, gated, matryoshka (see monoscope.sae)"})
-    d_sae: int | None = field(default=None, metadata={"help": "number of latents (default: expansion_factor * d)"})
+    d_sae: int | None = field(default=None, metadata={"help": "number of latents; unset: expansion_factor * d"})
     expansion_factor: int = field(default=16, metadata={"help": "latents per input dimension when d_sae is not given"})
     k: int = field(default=32, metadata={"help": "active latents per token (topk, batchtopk, matryoshka)"})
     l1_coefficient: float | None = field(default=None, metadata={"help": "L1 penalty weight (relu, gated)"})
     l0_coefficient: float | None = field(default=None, metadata={"help": "L0 penalty weight (jumprelu)"})
     target_l0: float | None = field(default=None, metadata={"help": "jumprelu: aim the L0 penalty at this L0"})
-    aux_k: int | None = field(default=None, metadata={"help": "dead latents used by the AuxK loss (default d/2)"})
-    aux_coefficient: float | None = field(default=None, metadata={"help": "weight of the AuxK loss (default 1/32)"})
+    aux_k: int | None = field(default=None, metadata={"help": "dead latents used by the AuxK loss; unset: d/2"})
+    aux_coefficient: float | None = field(default=None, metadata={"help": "weight of the AuxK loss; unset: 1/32"})
     matryoshka_widths: tuple[int, ...] = field(default=(), metadata={"help": "nested prefix widths (matryoshka)"})
-    lr: float | None = field(default=None, metadata={"help": "Adam learning rate (default 2e-4/sqrt(d_sae/2^14))"})
+    lr: float | None = field(default=None, metadata={"help": "Adam learning rate; unset: 2e-4/sqrt(d_sae/2^14)"})
     lr_warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up steps"})
     lr_decay_fraction: float = field(default=0.2, metadata={"help": "final share of steps with linear lr decay to 0"})
     sparsity_warmup_fraction: float = field(default=0.05, metadata={"help": "share of steps over which the "
                                                                              "sparsity coefficient ramps up"})
     batch_size: int = field(default=4096, metadata={"help": "tokens per step (global, over all processes)"})
-    tokens: int | None = field(default=None, metadata={"help": "training tokens (default: one pass over the store)"})
+    tokens: int | None = field(default=None, metadata={"help": "training tokens; unset: one pass over the store"})
     steps: int | None = field(default=None, metadata={"help": "training steps (instead of --tokens)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})
     checkpoint_every: int = field(default=1000, metadata={"help": "steps between resumable checkpoints (0: none)"})
     dead_window_tokens: int | None = field(default=None, metadata={
-        "help": "a latent is dead after this many tokens without firing (default min(10M, tokens/10))"})
+        "help": "a latent is dead after this many tokens without firing; unset: min(10M, tokens/10)"})
     log_every: int = field(default=50, metadata={"help": "steps between rows of metrics.csv"})
-    hook: str | None = field(default=None, metadata={"help": "hook to train on (default: the store's only hook)"})
+    hook: str | None = field(default=None, metadata={"help": "hook to train on; unset: the store's only hook"})
     device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda)"})
     normalize: bool = field(default=True, metadata={"help": "scale inputs so E|s x|^2 = d; s is folded into "
                                                             "the saved weights"})
@@ -104,6 +104,8 @@ def _init_distributed(device: str) -> _Dist:
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
         owns = True
     return _Dist(rank, world, local, owns)
@@ -141,7 +143,7 @@ def store_identity(store) -> str:
     return config_hash(store.meta.get("input_hash"), sorted(store.hooks), [s.get("sha256") for s in store.shards])
 
 
-def _sae_config(cfg: TrainConfig, d_in: int, d_sae: int, hook: str, model: str):
+def _sae_config(cfg: TrainConfig, d_in: int, d_sae: int, hook: str, model: str, dead_window: int | None = None):
     """Build the SAE's config, passing only the settings the user gave (None keeps the SAE default)."""
     from monoscope.sae import SAEConfig
 
@@ -149,7 +151,7 @@ def _sae_config(cfg: TrainConfig, d_in: int, d_sae: int, hook: str, model: str):
                                   l1_coefficient=cfg.l1_coefficient, l0_coefficient=cfg.l0_coefficient,
                                   target_l0=cfg.target_l0, aux_k=cfg.aux_k, aux_coefficient=cfg.aux_coefficient,
                                   matryoshka_widths=tuple(cfg.matryoshka_widths) or None,
-                                  hook_name=hook, model_name=model)
+                                  hook_name=hook, model_name=model, dead_tokens_threshold=dead_window)
     names = {f.name for f in dataclasses.fields(SAEConfig)}
     return SAEConfig(**{k: v for k, v in wanted.items() if v is not None and k in names})
 
@@ -325,7 +327,7 @@ def train_sae(cfg: TrainConfig, store_folder: str | Path, out_folder: str | Path
         scale = input_scale(sample) if cfg.normalize else 1.0
 
         torch.manual_seed(cfg.seed)
-        sae_cfg = _sae_config(cfg, d, d_sae, hook, store.model)
+        sae_cfg = _sae_config(cfg, d, d_sae, hook, store.model, dead_window)
         sae = build_sae(sae_cfg)
         sae.init_from_data(sample * scale)
         sae.to(device)

@@ -125,10 +125,12 @@ def write_report(out: Path, *, cfg, plan, lm, ext, saes, probe, stats, explained
     resid = _read(Path(probe["resid"]) / "results.csv")
     by_layer, notes = neuron_findings(neurons)
     versus = latents_vs_neurons(neurons, sae_rows, resid, plan["layer"])
-    osp = neurons[(neurons.method == "osp")] if not neurons.empty and "method" in neurons else pd.DataFrame()
-    osp_cols = [c for c in ("dataset", "layer", "k", "f1", "gap", "certified", "osp_time_s") if c in osp.columns]
-    heur = (neurons[(neurons.control == "none") & (neurons.k <= cfg.osp_max_k)]
-            .groupby(["method", "k"]).f1.mean().unstack("k").reset_index() if not neurons.empty else pd.DataFrame())
+    osp_all = _read(Path(probe.get("osp", "")) / "results.csv") if probe.get("osp") else pd.DataFrame()
+    osp = osp_all[osp_all.method == "osp"] if not osp_all.empty else osp_all
+    osp_cols = [c for c in ("dataset", "layer", "k", "f1", "osp_objective", "osp_gap", "certified", "fit_s")
+                if c in osp.columns]
+    heur = (osp_all.groupby(["method", "k"]).f1.mean().unstack("k").reset_index()
+            if not osp_all.empty else pd.DataFrame())
     sweep = pd.DataFrame(saes["table"])
     sweep_cols = [c for c in ("architecture", "knob", "value", "d_sae", "train_tokens", "l0", "fvu", "explained_variance",
                               "delta_loss", "ce_loss_recovered", "kl_score", "dead_fraction", "train_tokens_per_s")
@@ -147,7 +149,7 @@ def write_report(out: Path, *, cfg, plan, lm, ext, saes, probe, stats, explained
     sections.append(("Optimal sparse probing vs heuristics",
                      "<p>Optimal sparse probing solves for the best k-subset of a 50-neuron pool exactly "
                      "(hinge loss + ridge, HiGHS MILP); <i>gap</i> 0 means certified optimal for that objective.</p>"
-                     + _img(Path(probe["neurons"]) / "osp_vs_heuristics.png", "OSP vs heuristics")
+                     + _img(Path(probe.get("osp", probe["neurons"])) / "osp_vs_heuristics.png", "OSP vs heuristics")
                      + "<h3>Mean test F1 by method and k</h3>" + _table(heur)
                      + "<h3>OSP solves</h3>" + _table(osp[osp_cols] if osp_cols else osp)))
     sections.append((f"SAE latents vs neurons at layer {plan['layer']}",
