@@ -1,0 +1,137 @@
+"""Steering with SAE latents on a tiny random Llama: clamp / add / ablate maths, generation, measurement, errors."""
+import argparse
+
+import pytest
+import torch
+
+from monoscope.errors import MonoscopeError
+from monoscope.hookpoints import run_with_capture
+from monoscope.interpret.steer import (Intervention, _pair_up, generate_side_by_side, setup_steer, steer,
+                                       steering_effect)
+from monoscope.models import tiny_model
+from monoscope.sae import SAEConfig, build_sae, save_sae
+
+HOOK, NEXT = "layers.1.resid_post", "layers.2.resid_pre"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def sae():
+    """ReLU SAE with orthonormal decoder rows, W_enc = W_decᵀ and a large b_enc: every latent is active and
+    re-encoding x + c·d_i moves exactly latent i by c, so clamping can be checked to the last digit."""
+    s = build_sae(SAEConfig("relu", d_in=32, d_sae=16, hook_name=HOOK, model_name="tiny-llama"))
+    q, _ = torch.linalg.qr(torch.randn(32, 16, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        s.W_dec.copy_(q.T)
+        s.W_enc.copy_(q)
+        s.b_dec.zero_()
+        s.b_enc.fill_(50.0)
+    return s
+
+
+IDS = torch.tensor([[2, 70, 80, 90, 100, 110, 120]])
+
+
+def acts_after(lm, ids=IDS):
+    return run_with_capture(lm.model, [NEXT], ids)[NEXT][0]
+
+
+def test_clamp_sets_feature_and_keeps_the_rest(lm, sae):
+    x = acts_after(lm)
+    with steer(lm, sae, [Intervention(3, 7.5, "clamp"), Intervention(9, 60.0, "clamp")]):
+        y = acts_after(lm)
+    f0, f1 = sae.encode(x).detach(), sae.encode(y).detach()
+    assert torch.allclose(f1[1:, 3], torch.full((6,), 7.5), atol=1e-4)
+    assert torch.allclose(f1[1:, 9], torch.full((6,), 60.0), atol=1e-4)
+    others = [i for i in range(16) if i not in (3, 9)]
+    assert torch.allclose(f1[1:, others], f0[1:, others], atol=1e-4)
+    # the SAE error term is kept: x − x̂ is the same before and after
+    assert torch.allclose(y[1:] - sae.decode(f1[1:]), x[1:] - sae.decode(f0[1:]), atol=1e-4)
+    assert torch.equal(y[0], x[0])  # BOS left alone
+
+
+def test_clamp_to_current_value_changes_nothing(lm, sae):
+    ids = torch.tensor([[75]])  # one position: one current value of the feature
+    x = acts_after(lm, ids)
+    v = sae.encode(x)[0, 5].item()
+    clean = lm.model(input_ids=ids).logits
+    with steer(lm, sae, [Intervention(5, v, "clamp")]):
+        steered = lm.model(input_ids=ids).logits
+    assert torch.allclose(clean, steered, atol=1e-5)
+
+
+def test_ablate_and_add(lm, sae):
+    x = acts_after(lm)
+    with steer(lm, sae, [Intervention(4, 123.0, "ablate")]):
+        y = acts_after(lm)
+    assert torch.allclose(sae.encode(y)[1:, 4], torch.zeros(6), atol=1e-4)
+    with steer(lm, sae, [Intervention(2, 3.0, "add"), Intervention(6, -1.5, "add")]):
+        z = acts_after(lm)
+    want = 3.0 * sae.W_dec[2] - 1.5 * sae.W_dec[6]
+    assert torch.allclose(z[1:] - x[1:], want.expand(6, -1), atol=1e-5)
+    assert torch.equal(acts_after(lm), x)  # hooks are removed on exit
+
+
+def test_topk_ablate_inactive_feature_is_a_no_op(lm):
+    s = build_sae(SAEConfig("topk", d_in=32, d_sae=64, k=2, hook_name=HOOK, model_name="tiny-llama"))
+    f = s.encode(run_with_capture(lm.model, [HOOK], IDS)[HOOK][0])
+    silent = int(torch.nonzero((f[1:] == 0).all(0))[0])
+    clean = lm.model(input_ids=IDS).logits
+    with steer(lm, s, [Intervention(silent, 0.0, "ablate")]):
+        assert torch.allclose(lm.model(input_ids=IDS).logits, clean, atol=1e-5)
+
+
+def test_generate_side_by_side(lm, sae):
+    pairs = generate_side_by_side(lm, sae, "hello", [Intervention(0, 0.0, "add")], max_new_tokens=6, n_samples=2)
+    assert len(pairs) == 2 and all(p["default"] == p["steered"] for p in pairs)
+    pairs = generate_side_by_side(lm, sae, "hello", [Intervention(0, 400.0, "add")], max_new_tokens=6,
+                                  temperature=0.0)
+    assert pairs[0]["default"] != pairs[0]["steered"]
+
+
+def test_steering_effect(lm, sae):
+    res = steering_effect(lm, sae, 1, 300.0, ["ab", "cd"], mode="add", n_samples=4, max_new_tokens=3,
+                          keywords=["a"], n_boot=50)
+    assert res["n_samples"] == 4 and res["n_prompts"] == 2
+    for arm in ("default", "steered"):
+        assert set(res[arm]["mean_activation"]) == {"mean", "se"}
+        assert 0.0 <= res[arm]["keyword_rate"]["mean"] <= 1.0
+    lo, hi = res["difference"]["ci95"]
+    assert lo <= hi
+
+
+def test_errors(lm, sae):
+    with pytest.raises(MonoscopeError, match="out of range"):
+        with steer(lm, sae, [Intervention(16, 1.0)]):
+            pass
+    with pytest.raises(MonoscopeError, match="mode"):
+        with steer(lm, sae, [Intervention(1, 1.0, "multiply")]):
+            pass
+    with pytest.raises(MonoscopeError, match="twice"):
+        with steer(lm, sae, [Intervention(1, 1.0), Intervention(1, 2.0)]):
+            pass
+    other = build_sae(SAEConfig("relu", d_in=32, d_sae=4, hook_name=HOOK, model_name="gemma-3-270m"))
+    with pytest.raises(MonoscopeError, match="model"):
+        generate_side_by_side(lm, other, "x", [Intervention(0, 1.0)])
+    wrong_hook = build_sae(SAEConfig("relu", d_in=32, d_sae=4, hook_name="layers.1.mlp_neurons", model_name="tiny-llama"))
+    with pytest.raises(MonoscopeError, match="width"):
+        with steer(lm, wrong_hook, [Intervention(0, 1.0)]):
+            pass
+    with pytest.raises(MonoscopeError, match="n_samples"):
+        steering_effect(lm, sae, 0, 1.0, ["x"], n_samples=1)
+    with pytest.raises(MonoscopeError, match="one --value"):
+        _pair_up([1, 2, 3], [1.0, 2.0], None)
+
+
+def test_cli(tmp_path, sae, capsys):
+    save_sae(sae, tmp_path / "sae")
+    p = argparse.ArgumentParser()
+    run = setup_steer(p)
+    run(p.parse_args(["--sae", str(tmp_path / "sae"), "--feature", "2", "--value", "200", "--mode", "add",
+                      "--feature", "3", "--value", "5", "--mode", "clamp", "--max-new-tokens", "4", "hi there"]))
+    out = capsys.readouterr().out
+    assert "default" in out and "steered" in out and "add #2 = 200" in out and "clamp #3 = 5" in out
