@@ -79,6 +79,7 @@ SETUPS = {
     "stats": ("one-pass feature statistics of an SAE or of neurons", _lazy("monoscope.interpret.stats:setup_stats")),
     "explain": ("automated explanations and scores of features", _lazy("monoscope.interpret.autointerp:setup_explain")),
     "steer": ("generate with SAE features clamped, added or ablated", _lazy("monoscope.interpret.steer:setup_steer")),
+    "specificity": ("which SAE features are specific to a labelled concept", _lazy("monoscope.interpret.specificity:setup_specificity")),
     "browser": ("build the static feature browser", _lazy("monoscope.report.browser:setup_browser")),
     "serve": ("serve a feature browser with live search on 127.0.0.1", _lazy("monoscope.report.serve:setup_serve")),
 }

@@ -131,7 +131,7 @@ def validate(cfg: RunConfig, lm: LoadedModel) -> dict[str, Any]:
     sae_hook = f"layers.{layer}.{cfg.sae_hook_kind}"
     neuron_hook = f"layers.{layer}.mlp_neurons"
     resolve(lm.model, sae_hook)
-    probe_layers = list(cfg.probe_layers) or sorted({*range(0, lm.n_layers, 3), lm.n_layers - 1})
+    probe_layers = sorted({*(cfg.probe_layers or (*range(0, lm.n_layers, 3), lm.n_layers - 1)), layer})
     for pl in probe_layers:
         resolve(lm.model, f"layers.{pl}.mlp_neurons")
     for arch in cfg.architectures:
