@@ -329,3 +329,14 @@ def test_fold_input_scale(arch):
     sae.fold_input_scale(s)
     assert torch.allclose(sae.encode(x), f_before / s, atol=1e-5)
     assert torch.allclose(sae(x), x_before / s, atol=1e-5)
+
+
+def test_jumprelu_threshold_init_hits_target_l0():
+    """With a target L0, θ starts at the per-latent quantile, so L0 starts near the target."""
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig("jumprelu", 32, 256, target_l0=12))
+    x = torch.randn(2048, 32)
+    sae.init_from_data(x)
+    l0 = sae.training_forward(x).l0.item()
+    assert abs(l0 - 12) < 1.0
+    assert sae.threshold.dtype == torch.float32 and (sae.threshold > 0).all()

@@ -52,7 +52,7 @@ class JumpReLUSAE(SAE):
     """Loss = mse + λ·mean L0, or λ·(mean L0 / target_l0 − 1)² when ``target_l0`` is set.
 
     Unit-norm decoder (the L0 penalty does not see decoder norms, so scale must be pinned), W_enc = W_decᵀ,
-    b_enc = 0, θ = ``jumprelu_init_threshold``.
+    b_enc = 0, θ = ``jumprelu_init_threshold`` (or, with a target L0, the data quantile: see init_from_data).
     """
 
     unit_norm_decoder = True
@@ -89,6 +89,23 @@ class JumpReLUSAE(SAE):
         loss = mse + self.cfg.l0_coefficient * sparsity_scale * penalty
         return TrainOutput(x_hat=x_hat, loss=loss, l0=l0.detach(), fired=dense_fired(f.detach()), f=f,
                            terms={"mse": mse.detach(), "l0_penalty": penalty.detach(), "l0": l0.detach()})
+
+    @torch.no_grad()
+    def init_from_data(self, sample: Tensor) -> None:
+        """With a target L0, start each θ_i at the quantile of z_i that fires on target/d_sae of the sample.
+
+        θ moves by about one learning rate per Adam step, so from θ = 0.001 a short run never reaches
+        thresholds of order one and ends far denser than its target; starting at the target density lets
+        training spend its steps on reconstruction instead.
+        """
+        super().init_from_data(sample)
+        target = self.cfg.target_l0
+        if target is None or target >= self.cfg.d_sae:
+            return
+        z = self.pre_acts(sample.to(self.W_enc.device, self.W_enc.dtype)).relu().float()
+        keep = max(1, int(round(z.shape[0] * target / self.cfg.d_sae)))  # rows above θ_i
+        theta = z.kthvalue(z.shape[0] - keep + 1, dim=0).values if keep < z.shape[0] else z.min(0).values
+        self.threshold.copy_(theta.clamp(min=float(self.cfg.jumprelu_init_threshold)))
 
     @torch.no_grad()
     def after_step(self) -> None:
