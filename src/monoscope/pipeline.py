@@ -44,9 +44,9 @@ class RunConfig:
     k_values: tuple[int, ...] = field(default=(32,), metadata={"help": "k of the TopK-family SAEs"})
     target_l0_values: tuple[float, ...] = field(default=(32.0,), metadata={"help": "target L0 of JumpReLU SAEs"})
     l1_values: tuple[float, ...] = field(default=(5.0,), metadata={"help": "L1 coefficients of ReLU/Gated SAEs"})
-    epochs: float = field(default=4.0, metadata={"help": "passes over the training rows"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the training rows"})
     batch_size: int = field(default=2048, metadata={"help": "SAE training batch"})
-    lm_contexts: int = field(default=16, metadata={"help": "validation contexts for the spliced LM loss"})
+    lm_contexts: int = field(default=8, metadata={"help": "validation contexts for the spliced LM loss"})
     probe_datasets: tuple[str, ...] = field(default=("is_python_code", "lang:fr", "code:go"),
                                             metadata={"help": "probing datasets (see `monoscope datasets`)"})
     probe_layers: tuple[int, ...] = field(default=(), metadata={"help": "layers to probe (default: every 3rd + last)"})
@@ -54,10 +54,10 @@ class RunConfig:
     probe_methods: tuple[str, ...] = field(default=("adaptive", "mean_diff"),
                                            metadata={"help": "feature-selection methods of the layer sweep"})
     osp_max_k: int = field(default=3, metadata={"help": "largest k of optimal sparse probing (at the SAE layer)"})
-    probe_examples: int = field(default=300, metadata={"help": "examples per probing dataset"})
+    probe_examples: int = field(default=240, metadata={"help": "examples per probing dataset"})
     probe_max_length: int = field(default=64, metadata={"help": "tokens per probing example"})
-    explain_features: int = field(default=3, metadata={"help": "SAE features explained automatically"})
-    explain_neurons: int = field(default=3, metadata={"help": "MLP neurons explained automatically"})
+    explain_features: int = field(default=2, metadata={"help": "SAE features explained automatically"})
+    explain_neurons: int = field(default=2, metadata={"help": "MLP neurons explained automatically"})
     explain_backend: str = field(default="", metadata={"help": "autointerp backend spec (default: hf:<model>)"})
     steer_samples: int = field(default=20, metadata={"help": "generations per arm of the steering demo"})
     steer_tokens: int = field(default=24, metadata={"help": "tokens generated per steering sample"})
@@ -203,6 +203,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, show_progress: bool | None = N
         common = dict(model=cfg.model, dataset=cfg.probe_datasets, ks=cfg.probe_ks, max_examples=cfg.probe_examples,
                       max_length=cfg.probe_max_length, seed=cfg.seed, device=cfg.device, osp_max_k=cfg.osp_max_k,
                       osp_time_limit=10.0)
+        _warm_probe_cache(lm, cfg, [f"layers.{layer}.mlp_neurons" for layer in plan["probe_layers"]]
+                          + [plan["sae_hook"]], show_progress)
         neurons = run_probing(ProbeConfig(layers=tuple(plan["probe_layers"]), methods=cfg.probe_methods, **common),
                               folder / "neurons", lm=lm, show_progress=show_progress)
         latents = run_probing(ProbeConfig(source=f"sae:{main_sae}", methods=("mean_diff", "adaptive"),
@@ -262,6 +264,18 @@ def run_pipeline(cfg: RunConfig, out: str | Path, show_progress: bool | None = N
     rep = run.stage("report", [time.time()], report_body)
     _log(f"all stages done in {time.perf_counter() - started:.0f} s; report: {rep['report']}")
     return Path(rep["report"])
+
+
+def _warm_probe_cache(lm, cfg: RunConfig, hooks: list[str], show_progress) -> None:
+    """One forward pass per dataset for every raw hook the probing runs read (they then hit the cache)."""
+    from monoscope.models import cache_dir
+    from monoscope.probing.activations import probe_activations
+    from monoscope.probing.datasets import load_dataset
+
+    for name in cfg.probe_datasets:
+        probe_activations(lm, load_dataset(name, cfg.probe_examples, cfg.seed), hooks,
+                          max_length=cfg.probe_max_length, cache_dir=cache_dir() / "probe-activations",
+                          progress=show_progress)
 
 
 def _pick_main_sae(table: list[dict]) -> str:
