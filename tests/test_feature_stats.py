@@ -253,3 +253,28 @@ def test_errors(setup, tmp_path):
         compute_feature_stats(root / "store", tmp_path / "x", sae=setup["sae"], correlate_with_neurons="nope")
     with pytest.raises(MonoscopeError, match="does not exist"):
         compute_feature_stats(tmp_path / "missing", tmp_path / "x", sae=setup["sae"])
+
+
+def test_top_k_ties_and_dense_codes(tmp_path):
+    """Raw units with many tied values: top-k keeps the earliest rows among equal values (a stable sort),
+    across many flushes of the candidate buffer; dense-ish codes take the sparse × dense product path of
+    the correlations; torch's thread count is restored."""
+    g = torch.Generator().manual_seed(2)
+    n, d = 1200, 12
+    x = torch.randint(-3, 4, (n, d), generator=g).float()
+    w = StoreWriter.open(tmp_path / "s", model="m", model_fingerprint="f", hooks={"h": d}, shard_rows=500)
+    w.append({"h": x}, torch.zeros(n), torch.zeros(n), torch.arange(n), torch.arange(n) // 40)
+    w.finish()
+    threads = torch.get_num_threads()
+    out = compute_feature_stats(tmp_path / "s", tmp_path / "o", hook="h", top_k=9, batch_size=100, n_correlated=3)
+    assert torch.get_num_threads() == threads
+    _, a = load_feature_stats(out)
+    want = torch.sort(x, dim=0, descending=True, stable=True)
+    assert torch.equal(a["top_rows"], want.indices[:9].T)
+    assert torch.equal(a["top_values"], want.values[:9].T)
+    # Pearson r of the positive parts (only those are kept), every row sampled
+    C = np.corrcoef(x.clamp_min(0).double().numpy().T)
+    np.fill_diagonal(C, -np.inf)
+    for i in range(d):
+        assert np.allclose(a["corr_features_r"][i].numpy(), np.sort(C[i])[::-1][:3], atol=1e-5)
+        assert np.allclose(C[i, a["corr_features"][i].numpy()], np.sort(C[i])[::-1][:3], atol=1e-5)

@@ -9,8 +9,9 @@ entries are folded into running state whose size depends on d_sae, never on the 
   (``hist_edges``: 0, then 10^lo .. 10^hi, 10 bins a decade; the last bin also takes anything larger).
   Fixed bins need no max, so one pass gives exact counts and features can be compared; a browser can
   re-bin them for display;
-- top-k rows per feature: a vectorised group-wise merge of the batch's non-zero entries with the running
-  top-k (entries below a feature's current k-th value are dropped before sorting);
+- top-k rows per feature: entries above a feature's current k-th value are buffered and merged with the
+  running top-k by one sort when the buffer is about as big as the table (rarely, once the top-k fill up);
+  ties keep the earlier row;
 - interval examples (equal-width intervals between 0 and the max): the max is only known at the end, so
   each feature keeps a random sample for each of S sub-bins of [0, M), where M is the smallest power of
   two above the running max. The sample is a k-slot partition sample: every entry gets a random slot
@@ -22,11 +23,15 @@ entries are folded into running state whose size depends on d_sae, never on the 
   the partly covered sub-bins at an interval's edges can under-sample, so a sparse interval may show
   fewer examples than it has members. No second encode is needed;
 - correlated features (and neurons): Pearson r over a uniform sample of ``corr_rows`` rows, whose sparse
-  codes are kept; the d_sae × d_sae product is formed block by block at the end (never a dense
-  d_sae² accumulator);
+  codes are kept; the d_sae × d_sae product is formed block of rows by block at the end (never a dense
+  d_sae² accumulator), from the pairs of entries sharing a sampled row when codes are sparse (TopK:
+  rows·k² pairs), else as a sparse × dense product;
 - per-token activations for the context windows: the batch's sparse codes are appended to a temporary
   file in the output folder (12 bytes per non-zero; deleted at the end) and looked up at the end. With
   raw hook units (``sae=None``) the store itself is read instead.
+
+Threads: only the SAE's encoder and the decoder products run on all of torch's threads; the bookkeeping
+(many short ops) runs on one, where thread hand-offs on a busy machine would cost more than they save.
 
 After the pass: nearest decoder neighbours by cosine (W_dec·W_decᵀ in blocks) and, given a model, logit
 effects: the decoder row scaled by the final norm's weight (1 + weight for Gemma RMSNorms; centred first
@@ -65,6 +70,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,45 +115,56 @@ def hist_edges() -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-class _GroupSmallest:
-    """Per group, the k entries with the smallest keys seen so far, with two payloads (row, value).
+class _TopK:
+    """Per group, the k largest values seen so far with their rows (ties: the earlier row first).
 
-    ``add`` is vectorised over all groups: the new entries are sorted by (group, key) in one float64
-    sort of group + key (keys must lie in [0, 1)), cut to k per group, and merged with the touched groups'
-    current entries by one top-k over [touched, 2k].
+    ``add`` only keeps entries above their group's current k-th value (``floor``, 0 while the group has
+    fewer than k) and buffers them; ``flush`` (when the buffer holds about as many entries as the table,
+    and at the end) merges buffer and table with one stable sort of an int64 key: group in the high bits,
+    the value's float bits (monotone for positive floats) reversed in the low bits. The floor is only
+    raised at a flush, so between flushes it is merely lower than it could be: nothing is lost.
     """
 
-    def __init__(self, n_groups: int, k: int, key_dtype=torch.float32):
+    def __init__(self, n_groups: int, k: int):
         self.k = k
-        self.key = torch.full((n_groups, k), INF, dtype=key_dtype)
         self.row = torch.full((n_groups, k), -1, dtype=torch.int64)
         self.val = torch.zeros((n_groups, k))
+        self.floor = torch.zeros(n_groups)
+        self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._n_buf = 0
 
-    def threshold(self, groups: torch.Tensor) -> torch.Tensor:
-        """Largest kept key of each group (inf while not full): new keys must be below it to matter."""
-        return self.key[groups, -1]
+    def add(self, groups: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor) -> None:
+        """Entries in stream order (rows ascending); values must be > 0."""
+        keep = vals > self.floor[groups]
+        g = groups[keep]
+        if len(g):
+            self._buf.append((g, rows[keep], vals[keep]))
+            self._n_buf += len(g)
+            if self._n_buf >= self.row.numel():
+                self.flush()
 
-    def add(self, groups: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor) -> None:
-        if groups.numel() == 0:
+    def flush(self) -> None:
+        if not self._buf:
             return
-        order = torch.argsort(groups.double() + keys.double())
-        g, kk, rr, vv = groups[order], keys[order], rows[order], vals[order]
-        uniq, counts = torch.unique_consecutive(g, return_counts=True)
+        have = self.row >= 0
+        groups = torch.arange(len(self.row))[:, None].expand_as(self.row)
+        # the table first, then the buffer in stream order: a stable sort puts earlier rows first on ties
+        g = torch.cat([groups[have]] + [b[0] for b in self._buf])
+        r = torch.cat([self.row[have]] + [b[1] for b in self._buf])
+        v = torch.cat([self.val[have]] + [b[2] for b in self._buf]).contiguous()
+        self._buf, self._n_buf = [], 0
+        key = (g << 31) | ((1 << 31) - 1 - v.view(torch.int32).long())
+        order = torch.sort(key, stable=True).indices
+        g, r, v = g[order], r[order], v[order]
+        counts = torch.bincount(g, minlength=len(self.row))
         starts = torch.cumsum(counts, 0) - counts
-        slot = torch.repeat_interleave(torch.arange(len(uniq)), counts)
-        rank = torch.arange(len(g)) - starts[slot]
+        rank = torch.arange(len(g)) - starts[g]
         keep = rank < self.k
-        slot, rank = slot[keep], rank[keep]
-        k = self.k
-        nk = torch.full((len(uniq), k), INF, dtype=self.key.dtype)
-        nr = torch.full((len(uniq), k), -1, dtype=torch.int64)
-        nv = torch.zeros((len(uniq), k))
-        nk[slot, rank], nr[slot, rank], nv[slot, rank] = kk[keep], rr[keep], vv[keep]
-        ck = torch.cat([self.key[uniq], nk], 1)
-        best = torch.topk(ck, k, dim=1, largest=False, sorted=True).indices
-        self.key[uniq] = ck.gather(1, best)
-        self.row[uniq] = torch.cat([self.row[uniq], nr], 1).gather(1, best)
-        self.val[uniq] = torch.cat([self.val[uniq], nv], 1).gather(1, best)
+        self.row.fill_(-1)
+        self.val.zero_()
+        self.row[g[keep], rank[keep]] = r[keep]
+        self.val[g[keep], rank[keep]] = v[keep]
+        self.floor = torch.where(self.row[:, -1] >= 0, self.val[:, -1], 0.0)
 
 
 class _SlotSample:
@@ -190,22 +207,50 @@ def _smallest_per_group(groups: torch.Tensor, keys: torch.Tensor, k: int, n_grou
 
 
 class _Encoder:
-    """Batch of activations -> non-zero entries (local row, feature, value), via the cheapest SAE path."""
+    """Batch of activations -> non-zero entries (local row, feature, value), via the cheapest SAE path.
 
-    def __init__(self, sae):
+    The SAE runs on ``threads`` threads; the rest of the pass runs on one (see ``_threads``).
+    """
+
+    def __init__(self, sae, threads: int):
         self.sae = sae
+        self.threads = threads
 
     def __call__(self, x: torch.Tensor):
         sae = self.sae
         if sae is not None and getattr(sae, "architecture", "") == "topk" and hasattr(sae, "encode_sparse"):
-            vals, idx = sae.encode_sparse(x)  # [B, k], ids sorted within a row: entries stay row-major
+            with _threads(self.threads):
+                vals, idx = sae.encode_sparse(x)  # [B, k], ids sorted within a row: entries stay row-major
             rows = torch.arange(x.shape[0]).repeat_interleave(idx.shape[1])
-            vals, idx = vals.reshape(-1), idx.reshape(-1)
+            vals, idx = vals.reshape(-1).float(), idx.reshape(-1)
             keep = vals > 0
-            return rows[keep], idx[keep], vals[keep].float()
-        f = x if sae is None else sae.encode(x)
-        rows, feats = (f > 0).nonzero(as_tuple=True)
-        return rows, feats, f[rows, feats].float()
+            if bool(keep.all()):
+                return rows, idx, vals
+            return rows[keep], idx[keep], vals[keep]
+        if sae is not None:
+            with _threads(self.threads):
+                x = sae.encode(x)
+        rows, feats = (x > 0).nonzero(as_tuple=True)
+        return rows, feats, x[rows, feats].float()
+
+
+@contextmanager
+def _threads(n: int):
+    """Run torch ops on ``n`` threads inside the block.
+
+    The pass's bookkeeping is many short ops on ~10^5 entries: split over threads, each op waits for
+    every thread to be scheduled, which on a busy machine costs a time slice per op (measured: ~25× slower
+    on 2 shared cores than on one thread). Only the SAE's matmul is worth the hand-off.
+    """
+    old = torch.get_num_threads()
+    if n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _sae_identity(sae, source: str | None) -> dict[str, Any]:
@@ -327,15 +372,21 @@ def compute_feature_stats(store_folder, out_folder, *, sae=None, lm=None, hook: 
     tmp_codes = out / ".codes.tmp"
     shutil.rmtree(tmp_codes, ignore_errors=True)
 
+    # the SAE's and the decoder's matmuls use all of torch's threads, everything else one (see _threads)
+    threads = torch.get_num_threads()
+    timings["setup_s"] = time.perf_counter() - t0
+    t = time.perf_counter()
     with torch.inference_mode():
-        state = _one_pass(store, hook, sae, n_feat, cfg, tmp_codes if sae is not None else None, show_progress)
-        timings["pass_s"] = time.perf_counter() - t0
-        t = time.perf_counter()
-        arrays = _finish_arrays(state, cfg, n_feat, store.num_rows)
-        timings["finish_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        arrays.update(_correlations(state, cfg, n_feat, store))
-        timings["correlations_s"] = time.perf_counter() - t
+        with _threads(1):
+            state = _one_pass(store, hook, sae, n_feat, cfg, tmp_codes if sae is not None else None,
+                              show_progress, threads)
+            timings["pass_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            arrays = _finish_arrays(state, cfg, n_feat, store.num_rows)
+            timings["finish_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            arrays.update(_correlations(state, cfg, n_feat, store))
+            timings["correlations_s"] = time.perf_counter() - t
         t = time.perf_counter()
         if sae is not None:
             arrays.update(decoder_neighbours(sae, cfg.n_correlated))
@@ -347,7 +398,8 @@ def compute_feature_stats(store_folder, out_folder, *, sae=None, lm=None, hook: 
 
     t = time.perf_counter()
     tok = tokenizer if tokenizer is not None else (lm.tokenizer if lm is not None else load_tokenizer(store.model))
-    _write_contexts(out, store, hook, sae, tmp_codes, arrays, cfg, tok)
+    with _threads(1):
+        _write_contexts(out, store, hook, sae, tmp_codes, arrays, cfg, tok)
     shutil.rmtree(tmp_codes, ignore_errors=True)
     timings["contexts_s"] = time.perf_counter() - t
 
@@ -383,9 +435,13 @@ def _sub_bins(n_intervals: int) -> int:
     return 1 << math.ceil(math.log2(6 * n_intervals))
 
 
-def _one_pass(store, hook, sae, m, cfg: StatsConfig, codes_dir: Path | None, show_progress) -> dict:
-    """Stream the store once; fold each batch's non-zero entries into bounded running state."""
-    encode = _Encoder(sae)
+def _one_pass(store, hook, sae, m, cfg: StatsConfig, codes_dir: Path | None, show_progress,
+              threads: int) -> dict:
+    """Stream the store once; fold each batch's non-zero entries into bounded running state.
+
+    Called on one thread; only the SAE runs on ``threads`` (see ``_threads``).
+    """
+    encode = _Encoder(sae, threads)
     edges = torch.from_numpy(hist_edges()).float()
     nb = len(edges) - 1
     S = _sub_bins(cfg.n_intervals)
@@ -393,7 +449,7 @@ def _one_pass(store, hook, sae, m, cfg: StatsConfig, codes_dir: Path | None, sho
     total = torch.zeros(m, dtype=torch.float64)
     vmax = torch.zeros(m)
     hist = torch.zeros(m * nb, dtype=torch.int64)
-    top = _GroupSmallest(m, cfg.top_k, key_dtype=torch.float64)  # key 1/(1+v): smallest = largest v
+    top = _TopK(m, cfg.top_k)
     inter = _SlotSample(m * S, cfg.per_interval)
     expo = torch.full((m,), -1000, dtype=torch.int64)  # grid max M = 2**expo (−1000: never fired)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -419,10 +475,7 @@ def _one_pass(store, hook, sae, m, cfg: StatsConfig, codes_dir: Path | None, sho
             torch.maximum(vmax, bmax, out=vmax)
             b = (torch.bucketize(vals, edges, right=True) - 1).clamp_(0, nb - 1)
             hist += torch.bincount(feats * nb + b, minlength=m * nb)
-            # top-k: only entries above the feature's current k-th value can enter
-            tkey = 1.0 / (1.0 + vals.double())
-            keep = tkey < top.threshold(feats)
-            top.add(feats[keep], tkey[keep], grow[keep], vals[keep])
+            top.add(feats, grow, vals)
             # interval reservoirs on the power-of-two grid
             _grow_grid(inter, expo, bmax, S)
             sub = torch.ldexp(vals, -expo[feats].float()).mul_(S).long().clamp_(0, S - 1)
@@ -439,6 +492,7 @@ def _one_pass(store, hook, sae, m, cfg: StatsConfig, codes_dir: Path | None, sho
                 n_sampled += int(pick.sum())
             start += B
             bar.update(B)
+        top.flush()
     finally:
         bar.close()
         if codes_dir is not None:
@@ -451,7 +505,7 @@ def _one_pass(store, hook, sae, m, cfg: StatsConfig, codes_dir: Path | None, sho
                        "pos": cat(0), "feat": cat(1), "val": cat(2).float() if sample_ent else torch.zeros(0)}}
 
 
-def _grow_grid(inter: _GroupSmallest, expo: torch.Tensor, bmax: torch.Tensor, S: int) -> None:
+def _grow_grid(inter: _SlotSample, expo: torch.Tensor, bmax: torch.Tensor, S: int) -> None:
     """Raise each feature's grid max to the power of two above ``bmax``, merging sub-bins as it doubles."""
     fired = bmax > 0
     need = torch.full_like(expo, -1000)
@@ -519,25 +573,33 @@ def _finish_arrays(state: dict, cfg: StatsConfig, m: int, n_rows: int) -> dict[s
 
 # ---------------------------------------------------------------------------------------------- correlations
 
-def _pearson_topk(F_t: torch.Tensor, mean_f, std_f, other_block_fn, n_other: int, mean_o, std_o, R: int, n: int,
-                  exclude_self: bool, block: int = 1024):
-    """Top-n Pearson partners in ``other`` for every feature; ``other_block_fn(a, b)`` gives dense [R, b-a]."""
-    m = F_t.shape[0]
-    best_r = torch.full((m, n), -INF)
-    best_i = torch.full((m, n), -1, dtype=torch.int64)
-    for a in range(0, n_other, block):
-        b = min(a + block, n_other)
-        prod = F_t @ other_block_fn(a, b)  # [m, b-a] = Σ_rows f_i·o_j
-        cov = prod / R - mean_f[:, None] * mean_o[None, a:b]
-        r = cov / (std_f[:, None] * std_o[None, a:b])
-        r = torch.nan_to_num(r, nan=-INF, posinf=-INF, neginf=-INF)
-        if exclude_self:
-            ids = torch.arange(a, b)
-            r[ids, ids - a] = -INF
-        cand_r = torch.cat([best_r, r], 1)
-        cand_i = torch.cat([best_i, torch.arange(a, b)[None, :].expand(m, -1)], 1)
-        top = torch.topk(cand_r, min(n, cand_r.shape[1]), dim=1)
-        best_r, best_i = top.values, cand_i.gather(1, top.indices)
+def _pearson_topk(gram_rows, mean, std, R: int, n: int, block: int = 1024):
+    """Top-n Pearson partners (other than itself) of every feature; ``gram_rows(a, b)`` gives the dense
+    rows [b-a, m] of the product Σ_rows f_i·f_j over the R sampled rows.
+
+    r_ij = G_ij / (R σ_i σ_j) − (μ_i/σ_i)(μ_j/σ_j); a feature with σ = 0 has no partners and is no partner.
+    """
+    m = len(mean)
+    ok = std > 0
+    inv = torch.where(ok, 1.0 / std, 0.0)
+    u = mean * inv
+    best_r, best_i = [], []
+    for a in range(0, m, block):
+        b = min(a + block, m)
+        r = gram_rows(a, b)
+        r.mul_((inv[a:b] / R)[:, None]).mul_(inv[None, :])
+        r.sub_(u[a:b, None] * u[None, :])
+        r[:, ~ok] = -INF
+        r[~ok[a:b]] = -INF
+        r[torch.arange(b - a), torch.arange(a, b)] = -INF
+        top = torch.topk(r, min(n, m), dim=1)
+        best_r.append(top.values)
+        best_i.append(top.indices)
+    best_r, best_i = torch.cat(best_r), torch.cat(best_i)
+    if best_r.shape[1] < n:  # fewer features than partners asked for
+        pad = n - best_r.shape[1]
+        best_r = torch.cat([best_r, torch.full((m, pad), -INF)], 1)
+        best_i = torch.cat([best_i, torch.full((m, pad), -1, dtype=torch.int64)], 1)
     empty = ~torch.isfinite(best_r)
     return torch.where(empty, -1, best_i), torch.where(empty, float("nan"), best_r)
 
@@ -549,31 +611,52 @@ def _correlations(state: dict, cfg: StatsConfig, m: int, store) -> dict[str, tor
     if n == 0 or R < 2:
         return {}
     pos, feat, val = smp["pos"], smp["feat"], smp["val"]
-    F_t = torch.sparse_coo_tensor(torch.stack([feat, pos]), val, (m, R)).coalesce().to_sparse_csr()
     s1 = torch.bincount(feat, weights=val.double(), minlength=m)
     s2 = torch.bincount(feat, weights=val.double() ** 2, minlength=m)
     mean = s1 / R
     std = (s2 / R - mean ** 2).clamp_min(0).sqrt()
     mean, std = mean.float(), std.float()
     order = torch.argsort(feat, stable=True)
-    fs, ps, vs = feat[order], pos[order], val[order]
+    fs, ps, vs = feat[order], pos[order], val[order]  # entries by feature
+    by_pos = torch.argsort(pos, stable=True)
+    pp, ff, vv = pos[by_pos], feat[by_pos], val[by_pos]  # entries by sampled row
+    per_row = torch.bincount(pos, minlength=R)
+    row_start = torch.cumsum(per_row, 0) - per_row
 
-    def dense_cols(a, b):
+    def gram_pairs(a, b):
+        """Rows [a, b) of the Gram matrix from the pairs of entries that share a sampled row."""
+        lo, hi = int(torch.searchsorted(fs, a)), int(torch.searchsorted(fs, b))
+        f, p, v = fs[lo:hi] - a, ps[lo:hi], vs[lo:hi]
+        rep = per_row[p]
+        # partner j of the t-th pair of entry e: entry row_start[p_e] + t of its sampled row
+        first = torch.repeat_interleave(row_start[p] - (torch.cumsum(rep, 0) - rep), rep)
+        j = first + torch.arange(len(first))
+        flat = torch.repeat_interleave(f * m, rep) + ff[j]
+        g = torch.zeros((b - a) * m)
+        g.index_add_(0, flat, torch.repeat_interleave(v, rep) * vv[j])
+        return g.view(b - a, m)
+
+    def gram_product(a, b):
+        """Rows [a, b) of the Gram matrix as (F_t @ dense columns [a, b)).T, for dense-ish codes."""
         lo, hi = torch.searchsorted(fs, a), torch.searchsorted(fs, b)
         d = torch.zeros(R, b - a)
         d[ps[lo:hi], fs[lo:hi] - a] = vs[lo:hi]
-        return d
+        return (F_t @ d).T.contiguous()
 
+    # sparse codes (TopK: R·k² pairs) are far cheaper as pairs than as a sparse × dense product
+    if int((per_row * per_row).sum()) * 4 <= len(feat) * m:
+        gram_rows = gram_pairs
+    else:
+        F_t = torch.sparse_coo_tensor(torch.stack([feat, pos]), val, (m, R)).coalesce().to_sparse_csr()
+        gram_rows = gram_product
     out = {}
-    idx, r = _pearson_topk(F_t, mean, std, dense_cols, m, mean, std, R, n, exclude_self=True)
+    idx, r = _pearson_topk(gram_rows, mean, std, R, n)
     out["corr_features"], out["corr_features_r"] = idx, r
     if cfg.correlate_with_neurons is not None:
         rows = smp["rows"].numpy()
         n_units = store.d(cfg.correlate_with_neurons)
         acc = torch.zeros(m, n_units)
         t1, t2 = torch.zeros(n_units, dtype=torch.float64), torch.zeros(n_units, dtype=torch.float64)
-        by_pos = torch.argsort(pos, stable=True)
-        pp, ff, vv = pos[by_pos], feat[by_pos], val[by_pos]
         for a in range(0, R, 4096):
             b = min(a + 4096, R)
             N = store.rows(rows[a:b], hook=cfg.correlate_with_neurons)
@@ -679,18 +762,16 @@ def logit_effects(lm, directions: torch.Tensor, n: int, block_elems: int = 1 << 
 
 # ---------------------------------------------------------------------------------------------- contexts
 
-def _lookup_codes(codes_dir: Path, m: int, rows: np.ndarray, feats: np.ndarray) -> np.ndarray:
-    """f[row, feat] for many (row, feat) pairs from the sorted sparse-code file written during the pass."""
-    keys = np.memmap(codes_dir / "keys.i64", dtype=np.int64, mode="r") if (codes_dir / "keys.i64").stat().st_size else np.zeros(0, np.int64)
-    vals = np.memmap(codes_dir / "vals.f32", dtype=np.float32, mode="r") if len(keys) else np.zeros(0, np.float32)
-    q = rows.astype(np.int64) * m + feats
-    order = np.argsort(q, kind="stable")
-    qs = q[order]
-    at = np.searchsorted(keys, qs)
-    at_c = np.minimum(at, max(len(keys) - 1, 0))
-    hit = (at < len(keys)) & (keys[at_c] == qs) if len(keys) else np.zeros(len(qs), bool)
+def _lookup_codes(codes_dir: Path, q: np.ndarray) -> np.ndarray:
+    """f[row, feat] for many keys row·m + feat from the sorted sparse-code file written during the pass
+    (queries in roughly ascending order search fastest)."""
+    keys = np.fromfile(codes_dir / "keys.i64", dtype=np.int64)
+    vals = np.fromfile(codes_dir / "vals.f32", dtype=np.float32)
     out = np.zeros(len(q), np.float32)
-    out[order[hit]] = vals[at_c[hit]]
+    if len(keys):
+        at = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+        hit = keys[at] == q
+        out[hit] = vals[at[hit]]
     return out
 
 
@@ -706,99 +787,102 @@ def _lookup_store(store, hook: str, rows: np.ndarray, feats: np.ndarray, chunk: 
 
 
 def _write_contexts(out: Path, store, hook: str, sae, codes_dir: Path, arrays: dict, cfg: StatsConfig, tok) -> None:
-    """contexts.jsonl: decoded windows with per-token activations for every example of every feature."""
+    """contexts.jsonl: decoded windows with per-token activations for every example of every feature.
+
+    Lookups are vectorised; the Python loops only join ready-made strings (the rows' token strings, "0.0"
+    or a number per activation), once per example and once per feature.
+    """
     m = arrays["top_rows"].shape[0]
+    k, n_int, per = cfg.top_k, cfg.n_intervals, cfg.per_interval
     before, after = cfg.context_window
     W = before + after + 1
     ex_rows = torch.cat([arrays["top_rows"], arrays["interval_rows"].reshape(m, -1)], 1).numpy()  # [m, E]
-    E = ex_rows.shape[1]
+    ex_vals = torch.cat([arrays["top_values"], arrays["interval_values"].reshape(m, -1)], 1).numpy()
+    # only the examples that exist, in (feature, example) order
+    fi, ei = np.nonzero(ex_rows >= 0)
+    r = ex_rows[fi, ei]
     ctx = store.context_ids()
     token_ids = store.token_ids()
     # context of each row: [start, end) in store order (contexts are contiguous and ascending)
-    valid = ex_rows >= 0
-    r = np.where(valid, ex_rows, 0)
     c = ctx[r]
     c_start = np.searchsorted(ctx, c, side="left")
     c_end = np.searchsorted(ctx, c, side="right")
-    offs = np.arange(-before, after + 1)
-    win = r[..., None] + offs  # [m, E, W]
-    in_ctx = valid[..., None] & (win >= c_start[..., None]) & (win < c_end[..., None])
-    win_safe = np.where(in_ctx, win, 0)
-    feat = np.broadcast_to(np.arange(m)[:, None, None], win.shape)
-    flat = in_ctx.reshape(-1)
-    acts = np.zeros(win.size, np.float32)
+    # the in-context part of every window is the slice [lo, hi) of its W slots
+    lo = np.maximum(c_start - (r - before), 0)
+    hi = np.minimum(c_end - (r - before), W)
+    win = r[:, None] + np.arange(-before, after + 1)  # [X, W]
+    in_ctx = (win >= c_start[:, None]) & (win < c_end[:, None])
+    # look the activations up example by example in row order (then the queries are nearly sorted)
+    by_row = np.argsort(r * m + fi)
+    ok = in_ctx[by_row]
+    q_rows, q_feat = win[by_row][ok], np.broadcast_to(fi[by_row, None], win.shape)[ok]
+    acts_by_row = np.zeros(win.shape, np.float32)
     if sae is not None:
-        acts[flat] = _lookup_codes(codes_dir, m, win_safe.reshape(-1)[flat], feat.reshape(-1)[flat])
+        acts_by_row[ok] = _lookup_codes(codes_dir, q_rows * m + q_feat)
     else:
-        acts[flat] = _lookup_store(store, hook, win_safe.reshape(-1)[flat], feat.reshape(-1)[flat])
-    acts = acts.reshape(win.shape)
-    ids = np.where(in_ctx, token_ids[win_safe], -1)
+        acts_by_row[ok] = _lookup_store(store, hook, q_rows, q_feat)
+    acts = np.empty_like(acts_by_row)
+    acts[by_row] = acts_by_row
     keep_bos = bool(store.meta.get("config", {}).get("keep_bos", False))
     bos_id = getattr(tok, "bos_token_id", None) if tok is not None else None
     # show a BOS the store dropped when the window reaches the start of its context
     if keep_bos or bos_id is None:
-        add_bos = np.zeros_like(valid)
+        add_bos = np.zeros(len(r), bool)
     else:
-        add_bos = valid & (r - before <= c_start) & (token_ids[c_start] != bos_id)
-    used = np.unique(ids[ids >= 0])
-    strings = _token_strings(tok, used)
+        add_bos = (r - before <= c_start) & (token_ids[c_start] != bos_id)
     bos_json = json.dumps(getattr(tok, "bos_token", None) or "<bos>") if tok is not None else '"<bos>"'
-    density, vmax = arrays["density"].tolist(), arrays["max"].tolist()
-    edges = arrays["interval_edges"].tolist()
-    ex_vals = torch.cat([arrays["top_values"], arrays["interval_values"].reshape(m, -1)], 1).numpy()
-    logits = None
-    if "logits_pos" in arrays:
-        lp, lpv = arrays["logits_pos"].numpy(), arrays["logits_pos_values"].numpy()
-        ln, lnv = arrays["logits_neg"].numpy(), arrays["logits_neg_values"].numpy()
-        logit_strings = _token_strings(tok, np.unique(np.concatenate([lp.reshape(-1), ln.reshape(-1)])))
-        logits = (lp, lpv, ln, lnv, logit_strings)
-    acts_l = np.round(acts.astype(np.float64), 4).tolist()
-    ctx_ids = c
-    # the in-context part of every window is one contiguous slice [a, b) of its W slots
-    w_lo = np.argmax(in_ctx, axis=2)
-    w_hi = W - np.argmax(in_ctx[..., ::-1], axis=2)
-    table = np.array(['"?"'] * (int(ids.max()) + 1 if ids.size and ids.max() >= 0 else 1), dtype=object)
-    for t, js in strings.items():
+    # JSON text of every store row's token (only the tokens some window shows are decoded)
+    used = np.unique(token_ids[win[in_ctx]])
+    table = np.full(int(token_ids.max()) + 1 if len(token_ids) else 1, '"?"', dtype=object)
+    for t, js in _token_strings(tok, used).items():
         table[t] = js
-    toks_l = table[np.where(ids >= 0, ids, 0)].tolist()
+    row_tok = table[token_ids].tolist()
+    # activations: "0.0" except at the few non-zero slots of each window
+    nz_x, nz_w = np.nonzero(acts)
+    nz_s = _nums(acts[nz_x, nz_w], 4)
+    nz_at, nz_w = np.searchsorted(nz_x, np.arange(len(r) + 1)).tolist(), nz_w.tolist()
+    zeros = ["0.0"] * W
+    examples = []
+    for x, (row, act, cid, a, b, bos) in enumerate(zip(
+            r.tolist(), _nums(ex_vals[fi, ei]), c.tolist(), lo.tolist(), hi.tolist(), add_bos.tolist())):
+        ac = zeros[a:b]
+        for q in range(nz_at[x], nz_at[x + 1]):
+            ac[nz_w[q] - a] = nz_s[q]
+        tk = row_tok[row - before + a:row - before + b]
+        if bos:
+            tk.insert(0, bos_json)
+            ac.insert(0, "null")
+        examples.append('{"row":%d,"act":%s,"context":%d,"tokens":[%s],"acts":[%s],"focus":%d}'
+                        % (row, act, cid, ",".join(tk), ",".join(ac), before - a + bos))
+    # examples of feature i, part p (0: top, 1 + j: interval j) are examples[bounds[g]:bounds[g+1]], g = i·(n+1)+p
+    part = np.concatenate([np.zeros(k, np.int64), 1 + np.arange(n_int * per) // per])
+    bounds = np.searchsorted(fi * (n_int + 1) + part[ei], np.arange(m * (n_int + 1) + 1)).tolist()
+    groups = [",".join(examples[bounds[g]:bounds[g + 1]]) for g in range(m * (n_int + 1))]
+    density, vmax = _nums(arrays["density"].numpy()), _nums(arrays["max"].numpy())
+    edges = _nums(arrays["interval_edges"].numpy())
+    logit_json = None
+    if "logits_pos" in arrays:
+        n_l = arrays["logits_pos"].shape[1]
+        ids_l = np.concatenate([arrays["logits_pos"].numpy(), arrays["logits_neg"].numpy()], 1)  # [m, 2n]
+        ls = _token_strings(tok, np.unique(ids_l))
+        vals_l = _nums(np.concatenate([arrays["logits_pos_values"].numpy(), arrays["logits_neg_values"].numpy()], 1))
+        pairs = ["[%s,%s]" % (ls[t], v) for t, v in zip(ids_l.reshape(-1).tolist(), vals_l)]
+        logit_json = [',"logits":{"pos":[%s],"neg":[%s]}' % (
+            ",".join(pairs[2 * n_l * i:2 * n_l * i + n_l]), ",".join(pairs[2 * n_l * i + n_l:2 * n_l * (i + 1)]))
+            for i in range(m)]
     with atomic_path(out / "contexts.jsonl") as tmp, open(tmp, "w") as fh:
         for i in range(m):
-            examples = []
-            for e in range(E):
-                if not valid[i, e]:
-                    examples.append(None)
-                    continue
-                lo, hi = w_lo[i, e], w_hi[i, e]
-                toks = toks_l[i][e][lo:hi]
-                a = acts_l[i][e][lo:hi]
-                focus = int(before - lo)
-                if add_bos[i, e]:
-                    toks.insert(0, bos_json)
-                    a.insert(0, None)
-                    focus += 1
-                examples.append('{"row":%d,"act":%s,"context":%d,"tokens":[%s],"acts":%s,"focus":%d}' % (
-                    ex_rows[i, e], _num(ex_vals[i, e]), ctx_ids[i, e], ",".join(toks),
-                    json.dumps(a), focus))
-            k = cfg.top_k
-            top = ",".join(x for x in examples[:k] if x is not None)
-            ints = []
-            for j in range(cfg.n_intervals):
-                part = examples[k + j * cfg.per_interval: k + (j + 1) * cfg.per_interval]
-                ints.append('{"lo":%s,"hi":%s,"examples":[%s]}' % (
-                    _num(edges[i][j]), _num(edges[i][j + 1]), ",".join(x for x in part if x is not None)))
-            line = '{"feature":%d,"density":%s,"max":%s,"top":[%s],"intervals":[%s]' % (
-                i, _num(density[i]), _num(vmax[i]), top, ",".join(ints))
-            if logits is not None:
-                lp, lpv, ln, lnv, ls = logits
-                pos = ",".join("[%s,%s]" % (ls[t], _num(v)) for t, v in zip(lp[i].tolist(), lpv[i].tolist()))
-                neg = ",".join("[%s,%s]" % (ls[t], _num(v)) for t, v in zip(ln[i].tolist(), lnv[i].tolist()))
-                line += ',"logits":{"pos":[%s],"neg":[%s]}' % (pos, neg)
-            fh.write(line + "}\n")
+            g, e = i * (n_int + 1), i * (n_int + 1)
+            ints = ",".join('{"lo":%s,"hi":%s,"examples":[%s]}' % (edges[e + j], edges[e + j + 1], groups[g + 1 + j])
+                            for j in range(n_int))
+            fh.write('{"feature":%d,"density":%s,"max":%s,"top":[%s],"intervals":[%s]%s}\n' % (
+                i, density[i], vmax[i], groups[g], ints, logit_json[i] if logit_json else ""))
 
 
-def _num(v: float) -> str:
-    v = float(v)
-    return "null" if not math.isfinite(v) else repr(round(v, 5))
+def _nums(a: np.ndarray, places: int = 5) -> list[str]:
+    """JSON numbers of an array's values rounded to ``places`` (null for NaN / inf), flattened."""
+    return [repr(round(v, places)) if math.isfinite(v) else "null"
+            for v in np.asarray(a, dtype=np.float64).reshape(-1).tolist()]
 
 
 def _token_strings(tok, ids: np.ndarray) -> dict[int, str]:
