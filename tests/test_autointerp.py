@@ -420,18 +420,10 @@ def _stats_folder(root):
 
     from monoscope.interpret.stats import compute_feature_stats
     from monoscope.sae import SAEConfig, build_sae
-    from monoscope.store import StoreWriter
+    from synthetic import random_store
 
-    hook, ctx_len = "layers.1.resid_post", 12
-    g = torch.Generator().manual_seed(0)
-    w = StoreWriter.open(root / "store", model="tiny-llama", model_fingerprint="fp", hooks={hook: 16},
-                         shard_rows=500, meta={"config": {"keep_bos": False, "context_length": ctx_len + 1}})
-    for c in range(0, 40, 10):
-        n = 10 * ctx_len
-        ctx = torch.arange(c, c + 10).repeat_interleave(ctx_len)
-        w.append({hook: torch.randn(n, 16, generator=g)}, torch.randint(3, 259, (n,), generator=g), ctx // 3,
-                 torch.arange(1, ctx_len + 1).repeat(10), ctx)
-    w.finish()
+    hook = "layers.1.resid_post"
+    random_store(root / "store", hook, d=16, ctx_len=12)
     torch.manual_seed(0)
     sae = build_sae(SAEConfig("topk", d_in=16, d_sae=24, k=4, hook_name=hook, model_name="tiny-llama"))
     return compute_feature_stats(root / "store", root / "stats", sae=sae, top_k=6, n_intervals=3, per_interval=2,

@@ -247,18 +247,10 @@ def test_real_stats_artifact(tmp_path):
     from monoscope.interpret.stats import compute_feature_stats
     from monoscope.models import tiny_model
     from monoscope.sae import SAEConfig, build_sae
-    from monoscope.store import StoreWriter
+    from synthetic import random_store
 
-    hook, ctx_len = "layers.1.resid_post", 15
-    g = torch.Generator().manual_seed(0)
-    w = StoreWriter.open(tmp_path / "store", model="tiny-llama", model_fingerprint="fp", hooks={hook: 32},
-                         shard_rows=500, meta={"config": {"keep_bos": False, "context_length": ctx_len + 1}})
-    for c in range(0, 40, 10):
-        n = 10 * ctx_len
-        w.append({hook: torch.randn(n, 32, generator=g)}, torch.randint(3, 259, (n,), generator=g),
-                 torch.arange(c, c + 10).repeat_interleave(ctx_len) // 3, torch.arange(1, ctx_len + 1).repeat(10),
-                 torch.arange(c, c + 10).repeat_interleave(ctx_len))
-    w.finish()
+    hook = "layers.1.resid_post"
+    random_store(tmp_path / "store", hook, d=32, ctx_len=15)
     torch.manual_seed(0)
     sae = build_sae(SAEConfig("topk", d_in=32, d_sae=24, k=4, hook_name=hook, model_name="tiny-llama"))
     stats = compute_feature_stats(tmp_path / "store", tmp_path / "stats", sae=sae, lm=tiny_model("llama"),

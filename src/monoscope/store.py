@@ -153,7 +153,21 @@ class _Lock:
 
 # ----------------------------------------------------------------------------------------------- writer
 
-class StoreWriter:
+class _ManifestState:
+    """Progress facts read from the manifest, shared by the writer and the reader."""
+
+    manifest: dict
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.manifest["finished"])
+
+    @property
+    def contexts_done(self) -> int:
+        return int(self.manifest["contexts_done"])
+
+
+class StoreWriter(_ManifestState):
     """Append activations context by context; shards are committed atomically; reopening resumes.
 
     Typical use (the extractor)::
@@ -250,13 +264,6 @@ class StoreWriter:
                     raise _disk_error(p, err) from err
 
     # -- state
-    @property
-    def finished(self) -> bool:
-        return bool(self.manifest["finished"])
-
-    @property
-    def contexts_done(self) -> int:
-        return int(self.manifest["contexts_done"])
 
     @property
     def rows_done(self) -> int:
@@ -423,7 +430,7 @@ def _load_manifest(folder: Path) -> dict:
 
 # ----------------------------------------------------------------------------------------------- reader
 
-class ActivationStore:
+class ActivationStore(_ManifestState):
     """Read a store: random access by row, a shuffled bounded-memory stream, in-order iteration."""
 
     def __init__(self, folder, *, allow_unfinished: bool = False):
@@ -458,13 +465,6 @@ class ActivationStore:
     def meta(self) -> dict:
         return self.manifest.get("meta", {})
 
-    @property
-    def finished(self) -> bool:
-        return bool(self.manifest["finished"])
-
-    @property
-    def contexts_done(self) -> int:
-        return int(self.manifest["contexts_done"])
 
     @property
     def model_fingerprint(self) -> str:
