@@ -58,6 +58,12 @@ class RunConfig:
     probe_max_length: int = field(default=64, metadata={"help": "tokens per probing example"})
     explain_features: int = field(default=2, metadata={"help": "SAE features explained automatically"})
     explain_neurons: int = field(default=2, metadata={"help": "MLP neurons explained automatically"})
+    explain_score_examples: int = field(default=2, metadata={
+        "help": "activating (and as many non-activating) examples each score uses; simulation makes one call per "
+                "example, so this sets the cost of the local backend"})
+    explain_scores: tuple[str, ...] = field(default=("detection", "fuzzing"), metadata={
+        "help": "scores of the explanations: detection, fuzzing, simulation (simulation asks the local model for "
+                "one number per token, which takes minutes per feature on a CPU)"})
     explain_backend: str = field(default="", metadata={"help": "autointerp backend spec (default: hf:<model>)"})
     steer_samples: int = field(default=20, metadata={"help": "generations per arm of the steering demo"})
     steer_tokens: int = field(default=24, metadata={"help": "tokens generated per steering sample"})
@@ -243,11 +249,14 @@ def run_pipeline(cfg: RunConfig, out: str | Path, show_progress: bool | None = N
         for kind, n in (("features", cfg.explain_features), ("neurons", cfg.explain_neurons)):
             ids = _sample_units(stats[kind], n, cfg.seed)
             explain_features(stats[kind], ids, backend, folder / f"{kind}.jsonl",
-                             ExplainConfig(seed=cfg.seed, n_explain=10, n_score=4, group_size=8, max_tokens=40),
+                             ExplainConfig(seed=cfg.seed, n_explain=10, n_score=cfg.explain_score_examples,
+                                           scores=cfg.explain_scores,
+                                           group_size=8, max_tokens=40),
                              progress=show_progress)
             results[kind] = str(folder / f"{kind}.jsonl")
         return results
-    explained = run.stage("explain", [stats, backend, cfg.explain_features, cfg.explain_neurons], explain_body)
+    explained = run.stage("explain", [stats, backend, cfg.explain_features, cfg.explain_neurons,
+                                        cfg.explain_score_examples, cfg.explain_scores], explain_body)
 
     def steer_body(folder: Path) -> dict:
         return _steering_demo(lm, main_sae, stats["features"], explained["features"], cfg, folder)
