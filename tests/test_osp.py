@@ -90,3 +90,13 @@ def test_osp_errors():
         optimal_sparse_probe(X, y, 6, pool=5)
     with pytest.raises(MonoscopeError, match="gamma must be positive"):
         optimal_sparse_probe(X, y, 1, gamma=-1.0)
+
+
+def test_time_limit_is_honoured_when_loading_many_cached_cuts():
+    # k=3 over a 30-feature pool is enumerated (4,060 subsets); a tiny limit must still return a valid bound
+    X, y = data(n=200, p=30, seed=2)
+    results = optimal_sparse_probe_path(X, y, ks=[1, 2, 3], pool=30, time_limit=0.05)
+    for r in results:
+        assert r.time_s < 2.0
+        assert r.lower_bound <= r.objective * (1 + 1e-9)
+        assert len(r.features) == r.k

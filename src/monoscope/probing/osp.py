@@ -332,7 +332,11 @@ class _Solver:
             master = _EnumeratedMaster(p, k)
         else:
             master = _Master(p, k)
-        for cut in self.cuts.values():
+        # every cached cut is valid for this k; best supports first, and at most half the time limit spent
+        # loading them (hundreds of cuts over 230,300 enumerated subsets would otherwise eat it all)
+        for cut in sorted(self.cuts.values(), key=lambda c: c.value):
+            if time.perf_counter() - start > 0.5 * time_limit:
+                break
             master.add_cut(cut)
         history = []
         status, lower = "time_limit", -math.inf

@@ -56,6 +56,9 @@ class JumpReLUSAE(SAE):
     """
 
     unit_norm_decoder = True
+    # Residual streams have a large shared mean (Gemma: ~85% of E‖x‖²); starting b_dec at the geometric median
+    # centres the input so thresholds and latents are spent on variation, not on rebuilding the mean.
+    median_init = True
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -2,7 +2,9 @@
 
 Weighting each latent's L1 by its decoder norm makes the penalty invariant to trading encoder scale for
 decoder scale, so the decoder can stay unconstrained (no renormalisation, no gradient projection).
-Init: decoder rows of norm 0.1, W_enc = W_decᵀ, biases 0.
+Init: decoder rows of norm 0.1, W_enc = W_decᵀ, b_enc = 0. Unlike Anthropic's zero b_dec, b_dec starts at the
+geometric median (as for TopK): residual streams carry a large shared mean, and every architecture in a
+frontier comparison should start from the same centring.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from monoscope.sae.base import SAE, TrainOutput, _flatten, dense_fired, register
 @register("relu")
 class ReLUSAE(SAE):
     default_decoder_norm = 0.1
+    median_init = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
