@@ -470,3 +470,9 @@ def test_stats_adapter_and_cli(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "tokens near the start" in out and "detection=" in out and "features ok" in out
     assert (tmp_path / "cache" / "llm-cache").is_dir()
+
+
+def test_prompt_echo_with_other_whitespace_is_rejected():
+    prompt = "The following are text excerpts where it is active.\nThe tokens where it fires are marked <<like this>>"
+    text, why = parse_explanation("The following are text excerpts where it is active. The tokens where", prompt=prompt)
+    assert text is None and "repeats the prompt" in why

@@ -338,7 +338,7 @@ def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, 
     max_act = float(arrays["max"][feature]) if "max" in arrays else 10.0
     value = 2.0 * max_act
     prompts = ["I think that", "The most important thing is", "Here is a short story:"]
-    effect = steering_effect(lm, sae, feature, value, prompts, n_samples=max(2, cfg.steer_samples // len(prompts)),
+    effect = steering_effect(lm, sae, feature, value, prompts, n_samples=max(2, -(-cfg.steer_samples // len(prompts))),
                              max_new_tokens=cfg.steer_tokens, seed=cfg.seed)
     pairs = generate_side_by_side(lm, sae, prompts[0], [Intervention(feature, value, "clamp")],
                                   max_new_tokens=cfg.steer_tokens, n_samples=3, seed=cfg.seed)

@@ -165,13 +165,15 @@ def parse_explanation(raw: str, max_chars: int = 200, prompt: str = "") -> tuple
         candidates += after[:1]
     candidates += [ln for ln in raw.splitlines() if ln.strip()]
     echoed = False
+    flat_prompt = " ".join(prompt.split()).lower()
     for line in candidates:
         text = line.strip().strip(" \t*#>`\"'-_").strip()
         if len(text) > max_chars:
             text = text[:max_chars].rsplit(" ", 1)[0]
         if _is_garbage(text):
             continue
-        if len(text) >= 12 and text in prompt:
+        flat = " ".join(text.split()).lower()
+        if len(flat) >= 12 and flat[:60] in flat_prompt:  # a base model often continues by quoting the task
             echoed = True
             continue
         return text, None
