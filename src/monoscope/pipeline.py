@@ -316,8 +316,43 @@ def _sample_units(stats_folder: str, n: int, seed: int) -> list[int]:
     return sorted(int(i) for i in chosen)
 
 
+def concept_feature(stats_folder: str, max_density: float = 0.05, min_density: float = 1e-3,
+                    candidates: int = 400) -> tuple[int, str, float]:
+    """A feature whose top examples share one token (a concrete concept), with that token and its share.
+
+    Dense features (firing on more than ``max_density`` of tokens) are skipped: clamping one changes
+    everything and shows no concept. Among sparse live features, the one whose top-activating examples most
+    often sit on the same token wins (ties: the denser one, so the demo has examples to show).
+    """
+    from collections import Counter
+
+    import numpy as np
+
+    from monoscope.interpret.autointerp import StatsReader
+    from monoscope.interpret.stats import load_feature_stats
+
+    _, arrays = load_feature_stats(stats_folder)
+    density = arrays["density"].numpy()
+    pool = np.flatnonzero((density >= min_density) & (density <= max_density))
+    if len(pool) == 0:
+        pool = np.flatnonzero(density > 0)
+    pool = pool[np.argsort(-density[pool])][:candidates]
+    reader = StatsReader(stats_folder)
+    best = (-1.0, 0.0, int(pool[0]) if len(pool) else 0, "")
+    for f in pool:
+        top = reader.record(int(f)).get("top", [])
+        words = [ex["tokens"][ex["focus"]].strip().lower() for ex in top if ex.get("tokens")]
+        words = [w for w in words if len(w) >= 3 and w.isalpha()]  # a word, not punctuation or a fragment
+        if not words:
+            continue
+        word, count = Counter(words).most_common(1)[0]
+        share = count / max(1, len(top))
+        best = max(best, (share, float(density[f]), int(f), word))
+    return best[2], best[3], best[0]
+
+
 def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, cfg: RunConfig, folder: Path) -> dict:
-    """Clamp the best-explained feature high and measure how much more it shows up in generations."""
+    """Clamp a concept feature high; measure its activation and its keyword's rate in the generations."""
     from monoscope.interpret.autointerp import read_results
     from monoscope.interpret.stats import load_feature_stats
     from monoscope.interpret.steer import Intervention, generate_side_by_side, steering_effect
@@ -325,25 +360,19 @@ def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, 
 
     sae = load_sae(sae_folder)
     _, arrays = load_feature_stats(stats_folder)
-    results = read_results(explained_path)
-    feature, explanation = None, ""
-    scored = [((r.get("detection") or {}).get("accuracy") or 0.0, f, r)
-              for f, r in results.items() if r.get("explanation")]
-    if scored:
-        _, feature, rec = max(scored)
-        explanation = rec.get("explanation", "")
-    else:
-        density = arrays["density"].numpy()
-        feature = int(density.argmax())
-    max_act = float(arrays["max"][feature]) if "max" in arrays else 10.0
+    feature, keyword, share = concept_feature(stats_folder)
+    explanation = (read_results(explained_path).get(feature) or {}).get("explanation") or ""
+    max_act = float(arrays["max"][feature])
     value = 2.0 * max_act
     prompts = ["I think that", "The most important thing is", "Here is a short story:"]
     effect = steering_effect(lm, sae, feature, value, prompts, n_samples=max(2, -(-cfg.steer_samples // len(prompts))),
-                             max_new_tokens=cfg.steer_tokens, seed=cfg.seed)
+                             max_new_tokens=cfg.steer_tokens, seed=cfg.seed, keywords=[keyword] if keyword else None)
     pairs = generate_side_by_side(lm, sae, prompts[0], [Intervention(feature, value, "clamp")],
                                   max_new_tokens=cfg.steer_tokens, n_samples=3, seed=cfg.seed)
-    result = {"feature": feature, "value": value, "explanation": explanation, "effect": _jsonable(effect),
-              "examples": pairs, "prompt": prompts[0]}
+    result = {"feature": feature, "value": value, "keyword": keyword, "keyword_share_of_top_examples": share,
+              "density": float(arrays["density"][feature]),
+              "explanation": explanation or f"its top examples sit on the token '{keyword}' ({share:.0%} of them)",
+              "effect": _jsonable(effect), "examples": pairs, "prompt": prompts[0]}
     write_json(folder / "steering.json", result)
     return result
 
