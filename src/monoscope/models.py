@@ -141,6 +141,9 @@ def _default_model_folder() -> Path:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own one-line notice is enough; CI logs stay readable
     gguf = Path(package.assemble())
     print(f"monoscope: converting {gguf.name} to safetensors once (about a minute)...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
