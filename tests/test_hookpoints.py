@@ -99,3 +99,4 @@ def test_capture_context_manager(lm):
     with capture(lm.model, ["layers.0.resid_post"], stop=False) as acts:
         lm.model(input_ids=ids)
     assert acts["layers.0.resid_post"].shape == (1, 6, lm.d_model)
+

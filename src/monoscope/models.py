@@ -117,9 +117,15 @@ def _load_hf_folder(name_or_path: str, torch_dtype: torch.dtype, name: str) -> L
     return LoadedModel(model, tokenizer, name, _fingerprint(model, name_or_path))
 
 
+# Config keys that say where or how a model was loaded, not what it is: the same weights converted into two
+# cache folders must have one fingerprint.
+_NOT_IDENTITY = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
+
+
 def _fingerprint(model: torch.nn.Module, source: str) -> str:
     """Identity of a model: its config plus the names, shapes and a checksum of its weights."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_IDENTITY}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for pname, p in model.state_dict().items():
             flat = p.detach().reshape(-1)
