@@ -55,6 +55,11 @@ def write_json(target: str | os.PathLike, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def safe_filename(name: str, max_len: int = 80) -> str:
+    """``name`` (e.g. a dataset name like ``lang:fr``) made safe for a file name: other characters become ``_``."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:max_len]
+
+
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 

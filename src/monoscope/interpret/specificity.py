@@ -234,7 +234,7 @@ def run_specificity(sae_folder: str | Path, datasets: list[str], out: str | Path
     dataset and ranked feature) and ``specificity_<dataset>.png`` (the top feature on positives vs
     negatives). Returns the path of specificity.json.
     """
-    from monoscope.artifacts import atomic_path, library_versions, now_iso, write_json
+    from monoscope.artifacts import atomic_path, library_versions, now_iso, safe_filename, write_json
     from monoscope.models import cache_dir, load_model
     from monoscope.sae.io import load_sae
 
@@ -256,7 +256,7 @@ def run_specificity(sae_folder: str | Path, datasets: list[str], out: str | Path
         result, X = _specificity(lm, sae, ds, top_n=top_n, rank_by=rank_by, n=precision_at, batch_size=batch_size,
                                  max_length=max_length, cache_dir=cache_dir() / "probe-activations", progress=progress)
         best = result["features"][0]
-        plot = out / f"specificity_{_safe(ds.name)}.png"
+        plot = out / f"specificity_{safe_filename(ds.name)}.png"
         col = X[:, best["feature"]]
         plot_feature_distribution(col[ds.labels == 1], col[ds.labels == 0], plot,
                                   f"{ds.name}: feature {best['feature']} (AUC {best['auc']:.3f})")
@@ -288,9 +288,6 @@ def format_table(result: dict, rows: int = 10) -> str:
                      f"{f['mean_neg']:>8.3g}")
     return "\n".join(lines)
 
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:80]
 
 
 def setup_specificity(p):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from monoscope.artifacts import atomic_path, library_versions, now_iso, write_json
+from monoscope.artifacts import atomic_path, library_versions, now_iso, safe_filename, write_json
 from monoscope.config import to_dict
 from monoscope.errors import MonoscopeError
 from monoscope.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model
@@ -165,7 +165,7 @@ def _plots(table: pd.DataFrame, out: Path) -> None:
         ax.set(xlabel="k (features in the probe)", ylabel="test F1 (best method)", title=f"{name}: F1 vs k")
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
-        fig.savefig(out / f"f1_vs_k_{_safe(name)}.png", dpi=110)
+        fig.savefig(out / f"f1_vs_k_{safe_filename(name)}.png", dpi=110)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for name, part in real.groupby("dataset"):
@@ -191,9 +191,6 @@ def _plots(table: pd.DataFrame, out: Path) -> None:
         fig.savefig(out / "osp_vs_heuristics.png", dpi=110)
         plt.close(fig)
 
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
 def setup_probe(p):
