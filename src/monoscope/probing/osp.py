@@ -19,9 +19,14 @@ with equality at s = s_bar when alpha = alpha*(s_bar).  This is exactly the oute
 t >= c(s_bar) + grad c(s_bar).(s - s_bar) with d c / d s_j = -(gamma/2) v_j(alpha*)^2; writing it in the
 form above shows it stays valid (a true lower bound) even when the inner solve is slightly inexact.
 
-Outer approximation: the master MILP  min t  s.t.  sum_j s_j = k,  s binary,  t >= every cut so far,
-solved by HiGHS, gives a lower bound and a candidate s_bar; solving the inner SVM at s_bar gives a new cut
-and an upper bound (the primal objective of an actual (w, b)).  Repeat until the bounds meet.
+Two ways to close the gap, both certified by the same bounds:
+
+- enumeration (k-subsets of the pool few enough, e.g. k <= 4 of 50 features): every subset is solved by a
+  compiled smoothed-Newton SVM (svm_kernel.py) only until its own dual bound clears the incumbent, so the
+  smallest bound over all subsets is a proof; most subsets need one or two Newton steps;
+- outer approximation (larger k): the master MILP  min t  s.t.  sum_j s_j = k,  s binary,  t >= every cut
+  so far, solved by HiGHS, gives a lower bound and a candidate s_bar; solving the inner SVM at s_bar gives
+  a new cut and an upper bound (the primal objective of an actual (w, b)).  Repeat until the bounds meet.
 """
 from __future__ import annotations
 
@@ -82,46 +87,36 @@ def solve_inner_svm(
 ) -> SVMCut:
     """Solve the SVM on ``support`` to a certified duality gap and turn its dual point into a cut.
 
-    The support is tiny (k <= 8 columns), so we solve the *primal* in k+1 dimensions by Newton's method
-    on a Huber-smoothed hinge (quadratic within mu of the hinge point), shrinking mu until the gap is
-    closed.  The smoothed problem's optimality conditions hand us a dual point for free:
-    alpha_i = h_i * min(1, max(0, (1 - margin_i)/mu)), which lies in the box and has sum alpha_i y_i = 0
-    (the intercept's gradient), so it is feasible for the exact dual.  The hinge objective at (w, b) is
-    an upper bound on c(s), the exact dual objective at alpha a lower bound; we stop when they agree to
-    ``rel_tol``, falling back to libsvm when that fails.  Usually a few ms, ~10x faster than libsvm.
+    The compiled smoothed-Newton solve (svm_kernel.py) usually closes the gap on its own; when it stalls
+    we guess the exact active set from its solution, and as a last resort ask libsvm.  The hinge objective
+    at (w, b) is an upper bound on c(s), the exact dual objective at alpha a lower bound; the best pair is
+    kept, so the cut is valid however the solve went.
     """
+    from monoscope.probing.svm_kernel import SOLVED, solve_support
+
     support = tuple(sorted(int(j) for j in support))
     ZS = Z[:, support]
-    k = len(support)
     X1 = np.hstack([ZS * y_pm[:, None], y_pm[:, None]])  # rows y_i [z_i, 1]: margin = X1 @ theta
-    theta = np.zeros(k + 1)
-    reg = np.r_[np.full(k, 1.0 / gamma), 0.0]
-    best = None
-    mu = 2.0  # every slack starts at 1 < mu: all points in the smooth zone, a well-posed first Newton step
-    for _ in range(10):
-        theta = _newton_smoothed_hinge(X1, h, reg, mu, theta)
-        r = 1.0 - X1 @ theta
-        candidates = [(theta, _balance(h * np.clip(r / mu, 0.0, 1.0), y_pm))]
-        exact = _exact_finish(X1, h, reg, r, mu)
-        if exact is not None:
-            candidates.insert(0, exact)
-        for th, alpha in candidates:
-            upper = float(h @ np.maximum(0.0, 1.0 - X1 @ th) + 0.5 * th @ (reg * th))
-            v_S = ZS.T @ (alpha * y_pm)
-            lower = float(alpha.sum() - 0.5 * gamma * v_S @ v_S)
-            if best is None or upper - lower < best[0] - best[1]:
-                best = (upper, lower, alpha)
-        if best[0] - best[1] <= rel_tol * max(abs(best[0]), 1.0):
-            break
-        mu *= 0.1
-    if best[0] - best[1] > rel_tol * max(abs(best[0]), 1.0):
-        # the active-set guess never settled: fall back to libsvm's SMO (slower, always accurate)
-        theta, alpha = _libsvm(ZS, y_pm, h, gamma)
+    reg = np.r_[np.full(len(support), 1.0 / gamma), 0.0]
+
+    def bounds(theta, alpha):
         upper = float(h @ np.maximum(0.0, 1.0 - X1 @ theta) + 0.5 * theta @ (reg * theta))
         v_S = ZS.T @ (alpha * y_pm)
-        lower = float(alpha.sum() - 0.5 * gamma * v_S @ v_S)
-        if upper - lower < best[0] - best[1]:
-            best = (upper, lower, alpha)
+        return upper, float(alpha.sum() - 0.5 * gamma * v_S @ v_S), alpha
+
+    lower, upper, status, theta, alpha = solve_support(
+        np.ascontiguousarray(Z * y_pm[:, None]), y_pm, h, gamma, np.asarray(support, dtype=np.int64), rel_tol
+    )
+    best = bounds(theta, alpha)
+    closed = lambda b: b[0] - b[1] <= rel_tol * max(abs(b[0]), 1.0)  # noqa: E731
+    if status != SOLVED and not closed(best):
+        r = 1.0 - X1 @ theta
+        tries = [_exact_finish(X1, h, reg, r, mu) for mu in (1e-2, 1e-3, 1e-4)]
+        tries = [bounds(*t) for t in tries if t is not None]
+        if not any(closed(t) for t in tries):
+            # the active-set guess never settled: libsvm's SMO (slower, always accurate)
+            tries.append(bounds(*_libsvm(ZS, y_pm, h, gamma)))
+        best = min([best, *tries], key=lambda b: b[0] - b[1])
     upper, _, alpha = best
     v = Z.T @ (alpha * y_pm)
     return SVMCut(support, upper, float(alpha.sum()), -0.5 * gamma * v**2)
@@ -195,43 +190,6 @@ def _balance(alpha: np.ndarray, y_pm: np.ndarray) -> np.ndarray:
     elif sn > sp and sn > 0:
         alpha[~pos] *= sp / sn
     return alpha
-
-
-def _newton_smoothed_hinge(X1, h, reg, mu, theta, max_iter: int = 50):
-    """Minimise sum_i h_i huber_mu(margin_i) + 1/2 theta' diag(reg) theta by damped Newton."""
-
-    def value(th):
-        m = X1 @ th
-        r = 1.0 - m
-        loss = np.where(r >= mu, r - 0.5 * mu, np.where(r > 0, 0.5 * r * r / mu, 0.0))
-        return float(h @ loss + 0.5 * th @ (reg * th)), r
-
-    F, r = value(theta)
-    for _ in range(max_iter):
-        a = np.clip(r / mu, 0.0, 1.0)
-        grad = reg * theta - X1.T @ (h * a)
-        quad = (r > 0) & (r < mu)
-        Xq = X1[quad]
-        H = (Xq * (h[quad] / mu)[:, None]).T @ Xq
-        H[np.diag_indices_from(H)] += reg + 1e-9
-        step = -np.linalg.solve(H, grad)
-        slope = grad @ step
-        if -slope <= 1e-14 * max(1.0, abs(F)):
-            break
-        t = 1.0
-        while True:
-            F_new, r_new = value(theta + t * step)
-            if F_new <= F + 1e-4 * t * slope:
-                break
-            t *= 0.5
-            if t < 1e-10:  # no progress possible along this direction: keep the current point
-                return theta
-        theta = theta + t * step
-        if F - F_new <= 1e-15 * max(1.0, abs(F)):
-            F, r = F_new, r_new
-            break
-        F, r = F_new, r_new
-    return theta
 
 
 class _Master:
@@ -329,11 +287,10 @@ class _Solver:
                 self.evaluate(prev.support + (int(j),))
         p = self.Z.shape[1]
         if math.comb(p, k) <= enumerate_limit:
-            master = _EnumeratedMaster(p, k)
-        else:
-            master = _Master(p, k)
+            return self._enumerate(k, start, time_limit, rel_gap)
+        master = _Master(p, k)
         # every cached cut is valid for this k; best supports first, and at most half the time limit spent
-        # loading them (hundreds of cuts over 230,300 enumerated subsets would otherwise eat it all)
+        # loading them
         for cut in sorted(self.cuts.values(), key=lambda c: c.value):
             if time.perf_counter() - start > 0.5 * time_limit:
                 break
@@ -348,9 +305,6 @@ class _Solver:
             lower = max(lower, lower_now)
             best = self.best(k)
             history.append((lower, best.value))
-            if support is None and optimal:  # every subset is cut off above the incumbent
-                status = "optimal"
-                break
             if support is None or not optimal:
                 break  # master ran out of time
             if best.value - lower <= rel_gap * max(abs(best.value), 1e-12):
@@ -360,44 +314,65 @@ class _Solver:
                 status = "stalled"  # the master's pick is already cut off as well as the inner solves allow
                 break
             master.add_cut(self.evaluate(support))
-            if isinstance(master, _EnumeratedMaster):
-                master.prune(self.best(k).value * (1 - rel_gap))
         return self.best(k), lower, status, history, time.perf_counter() - start
 
+    def _enumerate(self, k: int, start: float, time_limit: float, rel_gap: float) -> tuple:
+        """Bound every k-subset of the pool directly, batch by batch (svm_kernel.screen_subsets).
 
-class _EnumeratedMaster:
-    """The same master problem solved exactly by listing every k-subset (when there are few enough).
+        Each subset is solved only until its own dual bound clears the incumbent; the ones that do not
+        (a better subset, a near-tie, a stalled solve) are then solved exactly.  The certificate is the
+        smallest lower bound over all subsets.  Subsets not reached in time keep the cached cuts' bound.
+        """
+        import numba
 
-    For k <= 4 of a 50-feature pool (<= 230,300 subsets) evaluating the cut envelope max_m cut_m(s) on
-    every subset is a few milliseconds of numpy per cut, far cheaper than re-solving a MILP each round.
-    It also lets each cut use its best scaling lam in [0, 1] of the dual point (lam * alpha is feasible):
-    max_lam lam*A - lam^2*B = A - B if B <= A/2 else A^2/(4B), which HiGHS could only take as many rows.
+        from monoscope.probing.svm_kernel import SOLVED, screen_subsets
+
+        combos = np.array(list(itertools.combinations(range(self.Z.shape[1]), k)), dtype=np.int64).reshape(-1, k)
+        lower = np.full(len(combos), -np.inf)
+        Y = np.ascontiguousarray(self.Z * self.y_pm[:, None])
+        chunks = 4 * numba.get_num_threads()
+        done = 0
+        while done < len(combos) and time.perf_counter() - start < time_limit:
+            batch = slice(done, min(len(combos), done + _SCREEN_BATCH))
+            incumbent = self.best(k).value
+            low, up, status = screen_subsets(Y, self.y_pm, self.h, self.gamma, combos[batch],
+                                             (1 - rel_gap) * incumbent, rel_gap, self.inner_tol, chunks)
+            lower[batch] = low
+            better = np.flatnonzero((status == SOLVED) & (up < incumbent))
+            if len(better):  # confirm the batch's best with an exact solve: it becomes the incumbent
+                self.evaluate(combos[done + better[np.argmin(up[better])]])
+            done = batch.stop
+        # what still sits below the final threshold (near-ties, stalled solves) is solved exactly
+        for i in np.argsort(lower[:done]):
+            best = self.best(k)
+            if lower[i] >= (1 - rel_gap) * best.value or time.perf_counter() - start > time_limit:
+                break
+            cut = self.evaluate(combos[i])
+            lower[i] = max(lower[i], cut.lower(cut.support))
+        if done < len(combos):
+            lower[done:] = _cut_envelope(list(self.cuts.values()), combos[done:])
+        best = self.best(k)
+        bound = min(float(lower.min()), best.value)
+        status = "optimal" if best.value - bound <= rel_gap * max(abs(best.value), 1e-12) else "time_limit"
+        return best, bound, status, [(bound, best.value)], time.perf_counter() - start
+
+
+_SCREEN_BATCH = 8192  # subsets per compiled call: the time limit is checked between calls
+
+
+def _cut_envelope(cuts: list, combos: np.ndarray) -> np.ndarray:
+    """The best bound the cached cuts give each subset (row of ``combos``).
+
+    Each cut may scale its dual point by lam in [0, 1] (lam * alpha stays feasible):
+    max_lam lam*A - lam^2*B = A - B if B <= A/2 else A^2/(4B).
     """
-
-    def __init__(self, p: int, k: int):
-        self.combos = np.array(list(itertools.combinations(range(p), k)), dtype=np.intp).reshape(-1, k)
-        self.lower = np.full(len(self.combos), -np.inf)
-        self.floor = np.inf  # smallest bound among the subsets already pruned away
-
-    def add_cut(self, cut: SVMCut) -> None:
-        B = -cut.coef[self.combos].sum(axis=1)  # >= 0
+    lower = np.full(len(combos), -np.inf)
+    for cut in cuts:
+        B = -cut.coef[combos].sum(axis=1)  # >= 0
         A = cut.const
         with np.errstate(divide="ignore", invalid="ignore"):
-            bound = np.where(B <= 0.5 * A, A - B, A * A / (4.0 * B))
-        np.maximum(self.lower, bound, out=self.lower)
-
-    def prune(self, threshold: float) -> None:
-        """Forget subsets whose bound already exceeds the threshold (they can never be optimal)."""
-        keep = self.lower < threshold
-        if not keep.all():
-            self.floor = min(self.floor, float(self.lower[~keep].min()))
-            self.combos, self.lower = self.combos[keep], self.lower[keep]
-
-    def solve(self, time_limit: float):
-        if len(self.lower) == 0:
-            return None, self.floor, True
-        i = int(np.argmin(self.lower))
-        return tuple(int(j) for j in self.combos[i]), min(float(self.lower[i]), self.floor), True
+            np.maximum(lower, np.where(B <= 0.5 * A, A - B, A * A / (4.0 * B)), out=lower)
+    return lower
 
 
 def _osp_results(solver, pool_idx, ks, warm_by_k, time_limit, rel_gap, enumerate_limit) -> list[OSPResult]:
@@ -445,8 +420,9 @@ def optimal_sparse_probe_path(
     column indices.  ``gamma`` defaults to 1/sqrt(n_train).  ``time_limit`` is seconds per k; a solve that
     runs out reports its gap instead of ``certified``.  ``warm_starts`` maps k to extra candidate supports
     (column indices of X), e.g. another method's choices.  Warm starts always include the pool's top-k by
-    mean difference and the adaptive-thresholding support on the pool.  The master problem is solved by
-    HiGHS, or, when the pool has at most ``enumerate_limit`` k-subsets, by exact enumeration (faster).
+    mean difference and the adaptive-thresholding support on the pool.  When the pool has at most
+    ``enumerate_limit`` k-subsets every one is bounded directly (fast for k <= 4 of 50); otherwise the
+    outer-approximation master problem is solved by HiGHS.
     """
     from monoscope.probing.select import adaptive_thresholding
 
