@@ -100,3 +100,24 @@ def test_time_limit_is_honoured_when_loading_many_cached_cuts():
         assert r.time_s < 2.0
         assert r.lower_bound <= r.objective * (1 + 1e-9)
         assert len(r.features) == r.k
+
+
+def test_compiled_screen_brackets_every_subset():
+    # every subset's bounds bracket its true SVM value; a pruned subset's bound clears the threshold
+    from monoscope.probing.svm_kernel import PRUNED, SOLVED, screen_subsets
+
+    X, y = data(p=9)
+    pool, Z, y_pm, h = _prepare_pool(X, y, 9, "balanced")
+    gamma = 1 / math.sqrt(len(y))
+    Y = np.ascontiguousarray(Z * y_pm[:, None])
+    combos = np.array(list(itertools.combinations(range(9), 3)), dtype=np.int64)
+    truth = np.array([solve_inner_svm(Z, y_pm, h, gamma, S).value for S in combos])
+    threshold = float(np.quantile(truth, 0.2))
+    for thr in (np.inf, threshold):
+        lower, upper, status = screen_subsets(Y, y_pm, h, gamma, combos, thr, 1e-4, 1e-7, 3)
+        assert np.all(lower <= truth * (1 + 1e-6)) and np.all(upper >= truth * (1 - 1e-6))  # truth: to 1e-7
+        # pruned against the threshold, or against the best subset its chunk had solved by then
+        assert np.all(lower[status == PRUNED] >= min(thr, (1 - 1e-4) * truth.min() * (1 - 1e-6)))
+        solved = status == SOLVED
+        assert np.allclose(upper[solved], truth[solved], rtol=1e-6)
+    assert (status == PRUNED).sum() > len(combos) // 2  # most subsets are far above the 20 % quantile

@@ -53,7 +53,7 @@ class RunConfig:
     probe_ks: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32), metadata={"help": "k grid of the probes"})
     probe_methods: tuple[str, ...] = field(default=("adaptive", "mean_diff"),
                                            metadata={"help": "feature-selection methods of the layer sweep"})
-    osp_max_k: int = field(default=3, metadata={"help": "largest k of optimal sparse probing (at the SAE layer)"})
+    osp_max_k: int = field(default=4, metadata={"help": "largest k of optimal sparse probing (at the SAE layer)"})
     probe_examples: int = field(default=240, metadata={"help": "examples per probing dataset"})
     probe_max_length: int = field(default=64, metadata={"help": "tokens per probing example"})
     explain_features: int = field(default=2, metadata={"help": "SAE features explained automatically"})
