@@ -147,7 +147,7 @@ def run_sweep(X, y, groups, seed: int, repeats: int) -> dict:
 def load_compiled_kernels() -> float:
     """Compile (first run after install, ~10 s) or load from numba's disk cache the OSP kernels: seconds."""
     t = time.perf_counter()
-    X, y, _ = synthetic(n=60, d=6)
+    X, y, _ = synthetic(n=80, d=12)
     optimal_sparse_probe_path(X, y, [1, 2], pool=6)
     return time.perf_counter() - t
 

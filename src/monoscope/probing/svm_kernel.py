@@ -1,9 +1,9 @@
 """Compiled solves of the small hinge + ridge SVMs that optimal sparse probing needs by the hundred thousand.
 
-For a support s of k columns (rows already multiplied by their labels, plus a label column for the
-unpenalised intercept, so the margin of row i is X_i . theta) the SVM is
+For a support s of k columns (each multiplied by the labels, plus the labels themselves for the
+unpenalised intercept, so the margin of example i is X[:, i] . theta) the SVM is
 
-    c(s) = min_theta  sum_i h_i max(0, 1 - X_i . theta) + sum_a reg_a theta_a^2 / 2,   reg = 1/gamma, 0 (b).
+    c(s) = min_theta  sum_i h_i max(0, 1 - X[:, i] . theta) + sum_a reg_a theta_a^2 / 2,   reg = 1/gamma, 0 (b).
 
 We minimise a Huber-smoothed hinge (quadratic within mu of the hinge point) by damped Newton in k+1
 dimensions, shrinking mu stage by stage.  Each stage hands us two certified numbers: the hinge objective
@@ -24,17 +24,25 @@ PRUNED, SOLVED, INEXACT = 0, 1, 2  # status of one subset
 MU_COLD, MU_WARM, MU_SHRINK, MAX_STAGES, MAX_NEWTON = 2.0, 0.3, 0.3, 14, 40
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
+def _slacks(X, theta, r):
+    """r = 1 - margin, with X stored feature-major (d, n) so the inner loop runs over contiguous rows."""
+    d, n = X.shape
+    r[:] = 1.0
+    for a in range(d):
+        t = theta[a]
+        for i in range(n):
+            r[i] -= X[a, i] * t
+
+
+@njit(cache=True, fastmath=True)
 def _smoothed_value(X, h, reg, mu, theta, r):
     """Smoothed objective at theta; fills r with the slacks 1 - margin."""
-    n, d = X.shape
+    d, n = X.shape
+    _slacks(X, theta, r)
     f = 0.0
     for i in range(n):
-        m = 0.0
-        for a in range(d):
-            m += X[i, a] * theta[a]
-        ri = 1.0 - m
-        r[i] = ri
+        ri = r[i]
         if ri >= mu:
             f += h[i] * (ri - 0.5 * mu)
         elif ri > 0.0:
@@ -44,28 +52,33 @@ def _smoothed_value(X, h, reg, mu, theta, r):
     return f
 
 
-@njit(cache=True)
-def _newton_step(X, h, reg, mu, theta, F, r, r_try, H, grad, step, trial):
+@njit(cache=True, fastmath=True)
+def _newton_step(X, h, reg, mu, theta, F, r, r_try, H, grad, step, trial, coef, quad):
     """One damped Newton step from theta (slacks r, value F); returns the new value (theta, r updated)."""
-    n, d = X.shape
-    for a in range(d):
-        grad[a] = reg[a] * theta[a]
-        for b in range(d):
-            H[a, b] = 0.0
-        H[a, a] = reg[a] + 1e-9
+    d, n = X.shape
+    q = 0
     for i in range(n):
         ri = r[i]
         if ri <= 0.0:
-            continue
-        if ri >= mu:
-            for a in range(d):
-                grad[a] -= h[i] * X[i, a]
+            coef[i] = 0.0
+        elif ri >= mu:
+            coef[i] = h[i]
         else:
-            c, w = h[i] * ri / mu, h[i] / mu
-            for a in range(d):
-                grad[a] -= c * X[i, a]
-                for b in range(a + 1):
-                    H[a, b] += w * X[i, a] * X[i, b]
+            coef[i] = h[i] * ri / mu
+            quad[q] = i
+            q += 1
+    for a in range(d):
+        g = reg[a] * theta[a]
+        for i in range(n):
+            g -= coef[i] * X[a, i]
+        grad[a] = g
+        for b in range(a + 1):
+            s = 0.0
+            for t in range(q):
+                i = quad[t]
+                s += h[i] * X[a, i] * X[b, i]
+            H[a, b] = s / mu
+        H[a, a] += reg[a] + 1e-9
     # Cholesky factor in place (lower triangle), then two triangular solves: H step = -grad
     for a in range(d):
         for b in range(a + 1):
@@ -104,19 +117,17 @@ def _newton_step(X, h, reg, mu, theta, F, r, r_try, H, grad, step, trial):
 
 
 @njit(cache=True)
-def _bounds(X, h, gamma, reg, theta, mu, k, alpha):
-    """(upper, lower, lam): hinge objective at theta; dual objective at the clipped, balanced lam * alpha."""
-    n, d = X.shape
+def _bounds(X, h, gamma, reg, theta, mu, k, alpha, r):
+    """(upper, lower, lam) at theta with slacks r: the hinge objective; the dual objective at the clipped,
+    balanced lam * alpha."""
+    d, n = X.shape
     upper, pos_sum, neg_sum = 0.0, 0.0, 0.0
     for i in range(n):
-        m = 0.0
-        for a in range(d):
-            m += X[i, a] * theta[a]
-        ri = 1.0 - m
+        ri = r[i]
         if ri > 0.0:
             upper += h[i] * ri
         alpha[i] = h[i] * min(1.0, max(0.0, ri / mu))
-        if X[i, k] > 0:  # the last column is the label
+        if X[k, i] > 0:  # the last row is the label
             pos_sum += alpha[i]
         else:
             neg_sum += alpha[i]
@@ -126,13 +137,13 @@ def _bounds(X, h, gamma, reg, theta, mu, k, alpha):
     neg_scale = pos_sum / neg_sum if neg_sum > pos_sum else 1.0
     A = 0.0
     for i in range(n):
-        alpha[i] *= pos_scale if X[i, k] > 0 else neg_scale
+        alpha[i] *= pos_scale if X[k, i] > 0 else neg_scale
         A += alpha[i]
     B = 0.0
     for a in range(k):
         v = 0.0
         for i in range(n):
-            v += alpha[i] * X[i, a]
+            v += alpha[i] * X[a, i]
         B += v * v
     B *= 0.5 * gamma
     if B <= 0.5 * A:  # max over lam in [0, 1] of lam A - lam^2 B
@@ -143,12 +154,12 @@ def _bounds(X, h, gamma, reg, theta, mu, k, alpha):
 @njit(cache=True)
 def _solve(X, h, gamma, reg, k, theta, mu, threshold, rel_tol, r, r_try, alpha, best_theta, best_alpha, work):
     """Smoothing stages until the lower bound clears threshold (PRUNED) or meets the upper (SOLVED)."""
-    H, grad, step, trial = work
+    H, grad, step, trial, coef, quad = work
     lower, upper = -np.inf, np.inf
     for stage in range(MAX_STAGES):
         F = _smoothed_value(X, h, reg, mu, theta, r)
         for it in range(MAX_NEWTON + 1):
-            up, low, lam = _bounds(X, h, gamma, reg, theta, mu, k, alpha)
+            up, low, lam = _bounds(X, h, gamma, reg, theta, mu, k, alpha, r)
             if up < upper:
                 upper = up
                 best_theta[:] = theta
@@ -161,7 +172,7 @@ def _solve(X, h, gamma, reg, k, theta, mu, threshold, rel_tol, r, r_try, alpha, 
                 return lower, upper, SOLVED
             if it == MAX_NEWTON:
                 break
-            F_new = _newton_step(X, h, reg, mu, theta, F, r, r_try, H, grad, step, trial)
+            F_new = _newton_step(X, h, reg, mu, theta, F, r, r_try, H, grad, step, trial, coef, quad)
             if F - F_new <= 1e-13 * max(1.0, abs(F_new)):
                 break  # converged for this mu: bounds checked above already
             F = F_new
@@ -170,19 +181,17 @@ def _solve(X, h, gamma, reg, k, theta, mu, threshold, rel_tol, r, r_try, alpha, 
 
 
 @njit(cache=True)
-def _fill(X, Y, y_pm, cols):
-    n, k = Y.shape[0], len(cols)
-    for i in range(n):
-        for a in range(k):
-            X[i, a] = Y[i, cols[a]]
-        X[i, k] = y_pm[i]
+def _fill(X, Yt, y_pm, cols):
+    for a in range(len(cols)):
+        X[a, :] = Yt[cols[a], :]
+    X[len(cols), :] = y_pm
 
 
 @njit(cache=True)
-def _buffers(d, gamma, k):
+def _buffers(d, n, gamma, k):
     reg = np.zeros(d)
     reg[:k] = 1.0 / gamma
-    work = (np.empty((d, d)), np.empty(d), np.empty(d), np.empty(d))
+    work = (np.empty((d, d)), np.empty(d), np.empty(d), np.empty(d), np.empty(n), np.empty(n, dtype=np.int64))
     return reg, work
 
 
@@ -191,9 +200,9 @@ def solve_support(Y, y_pm, h, gamma, cols, rel_tol):
     """One support from a cold start: (lower, upper, status, theta, alpha) with theta = (w, b)."""
     n, k = Y.shape[0], len(cols)
     d = k + 1
-    X = np.empty((n, d))
-    _fill(X, Y, y_pm, cols)
-    reg, work = _buffers(d, gamma, k)
+    X = np.empty((d, n))
+    _fill(X, np.ascontiguousarray(Y.T), y_pm, cols)
+    reg, work = _buffers(d, n, gamma, k)
     theta, best_theta, alpha, best_alpha = np.zeros(d), np.zeros(d), np.empty(n), np.zeros(n)
     lower, upper, status = _solve(X, h, gamma, reg, k, theta, MU_COLD, np.inf, rel_tol, np.empty(n),
                                   np.empty(n), alpha, best_theta, best_alpha, work)
@@ -215,15 +224,16 @@ def screen_subsets(Y, y_pm, h, gamma, combos, threshold, rel_gap, rel_tol, n_chu
     lower, upper = np.empty(B), np.empty(B)
     status = np.empty(B, dtype=np.int8)
     per = (B + n_chunks - 1) // n_chunks
+    Yt = np.ascontiguousarray(Y.T)
     for c in prange(n_chunks):
-        X = np.empty((n, d))
-        reg, work = _buffers(d, gamma, k)
+        X = np.empty((d, n))
+        reg, work = _buffers(d, n, gamma, k)
         theta, best_theta, alpha, best_alpha = np.zeros(d), np.zeros(d), np.empty(n), np.zeros(n)
         r, r_try = np.empty(n), np.empty(n)
         local = threshold
         mu = MU_COLD
         for b in range(c * per, min(B, (c + 1) * per)):
-            _fill(X, Y, y_pm, combos[b])
+            _fill(X, Yt, y_pm, combos[b])
             lower[b], upper[b], status[b] = _solve(X, h, gamma, reg, k, theta, mu, local, rel_tol, r, r_try,
                                                    alpha, best_theta, best_alpha, work)
             if status[b] == SOLVED:
