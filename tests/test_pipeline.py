@@ -58,6 +58,29 @@ def test_report_sections_filled(tiny_run):
     assert json.loads((tiny_run / "run_config.json").read_text())["model"] == "tiny-llama"
 
 
+def test_steering_demo_measures_a_concept_feature(tiny_run):
+    from monoscope.pipeline import concept_candidates
+
+    steering = json.loads((tiny_run / "steer" / "steering.json").read_text())
+    eff = steering["effect"]
+    for arm in ("default", "steered"):
+        assert {"mean_activation", "distinct_tokens", "keyword_rate"} <= set(eff[arm])
+        assert len(steering["texts"][arm]) == eff[arm]["keyword_rate"]["n"]
+    assert steering["mode"] == "clamp" and steering["keywords"] and steering["screen"]["candidates"] >= 1
+    found = concept_candidates(str(tiny_run / "stats" / "features"), common={"the"})
+    assert all(c["share"] >= 0.3 and c["word"] != "the" and "the" not in c["keywords"] for c in found)
+
+
+def test_common_words_and_keywords():
+    from monoscope.pipeline import common_words, feature_keywords
+
+    texts = ["the cat sat", "the dog ran", "a Korean poem", "the end"]
+    assert common_words(texts, max_share=0.5) == {"the"}
+    rec = {"top": [{"tokens": [" North", " Korea"], "focus": 1}] * 3 + [{"tokens": [" the"], "focus": 0}],
+           "logits": {"pos": [[" yuan", 3.0], ["jong", 2.0], ["7", 1.0], [" of", 0.5]]}}
+    assert feature_keywords(rec, common={"the"}) == ["jong", "korea", "yuan"]
+
+
 def test_rerun_skips_finished_stages(tiny_run, capsys):
     cfg = load_run_config(tiny_run / "run.toml")
     run_pipeline(cfg, tiny_run)

@@ -6,8 +6,8 @@ import torch
 
 from monoscope.errors import MonoscopeError
 from monoscope.hookpoints import run_with_capture
-from monoscope.interpret.steer import (Intervention, _pair_up, generate_side_by_side, setup_steer, steer,
-                                       steering_effect)
+from monoscope.interpret.steer import (Intervention, _pair_up, distinct_share, generate_side_by_side, mentions,
+                                       screen_features, setup_steer, steer, steering_effect, words)
 from monoscope.models import tiny_model
 from monoscope.sae import SAEConfig, build_sae, save_sae
 
@@ -100,8 +100,43 @@ def test_steering_effect(lm, sae):
     for arm in ("default", "steered"):
         assert set(res[arm]["mean_activation"]) == {"mean", "se"}
         assert 0.0 <= res[arm]["keyword_rate"]["mean"] <= 1.0
+        assert 0.0 < res[arm]["distinct_tokens"]["mean"] <= 1.0
+        assert res[arm]["keyword_rate"]["n"] == 8 and len(res[arm]["texts"]) == 8
     lo, hi = res["difference"]["ci95"]
     assert lo <= hi
+
+
+def test_keywords_match_whole_words():
+    assert words("The Korean-born DJ's 2 cars!") == ["the", "korean", "born", "dj", "s", "cars"]
+    assert mentions("Talks with North Korean officials", ["korea"])  # 5+ letters: inflections count
+    assert mentions("I like CARS", ["cars"]) and not mentions("a scare", ["car"]) and not mentions("careful", ["car"])
+    assert not mentions("anything", []) and not mentions("", ["car"])
+
+
+def test_distinct_share_shows_loops():
+    share = distinct_share(torch.tensor([[1, 2, 3, 4], [5, 6, 5, 6], [7, 7, 7, 7]]))
+    assert share.tolist() == [1.0, 0.5, 0.25]
+
+
+def test_screen_features(lm, sae):
+    rows = screen_features(lm, sae, [1, 2, 3], [0.0, 400.0, 5.0], [["a"], ["b"], []], ["ab", "cd"],
+                           max_new_tokens=4, batch=2)
+    assert [r["feature"] for r in rows] == [1, 2, 3]
+    assert all(0.0 <= r["keyword_rate"] <= 1.0 and 0.0 < r["distinct_tokens"] <= 1.0 for r in rows)
+    assert rows[2]["keyword_rate"] == 0.0  # no keywords, no hits
+    with pytest.raises(MonoscopeError, match="one value"):
+        screen_features(lm, sae, [1, 2], [1.0], [["a"], ["b"]], ["ab"])
+
+
+def test_screen_row_matches_steer(lm, sae):
+    """Row r of the batched screen is the same clamp as ``steer`` with that one feature (greedy decoding)."""
+    from monoscope.interpret.steer import _decode, _prompt_ids, _sample
+
+    with steer(lm, sae, [Intervention(2, 400.0, "clamp")]):
+        want = _decode(lm, _sample(lm, _prompt_ids(lm, "hello"), 1, 5, 0.0, 0))[0]
+    key = words(want)[:1]
+    rows = screen_features(lm, sae, [5, 2], [0.0, 400.0], [[], key], ["hello"], max_new_tokens=5, temperature=0.0)
+    assert rows[1]["keyword_rate"] == (1.0 if key else 0.0)
 
 
 def test_errors(lm, sae):

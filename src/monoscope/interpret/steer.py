@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import shutil
 import textwrap
 from dataclasses import dataclass
@@ -181,6 +182,28 @@ def _feature_on_generated(lm, sae, ids: torch.Tensor, new: torch.Tensor, feature
     return f.reshape(new.shape).mean(1).float().cpu().numpy()
 
 
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased runs of letters: keyword matching works on whole words, so 'car' is not found in 'scare'."""
+    return _WORD.findall(text.lower())
+
+
+def mentions(text: str, keywords: Sequence[str]) -> bool:
+    """Whether ``text`` has a word equal to a keyword, or starting with one of 5+ letters ('korea' matches
+    'korean'): inflections count, while short keywords cannot hide inside longer words."""
+    keys = {k.lower() for k in keywords}
+    long = tuple(k for k in keys if len(k) >= 5)
+    return any(w in keys or w.startswith(long) for w in words(text)) if keys else False
+
+
+def distinct_share(new: torch.Tensor) -> np.ndarray:
+    """Share of distinct tokens in each generated row [n, T]: about 0.8 for ordinary text, low when steering
+    pushes the model into loops ('of the of the'), so degenerate generations are visible in the numbers."""
+    return np.array([len(set(row)) / max(1, len(row)) for row in new.tolist()], dtype=float)
+
+
 def _summary(x: np.ndarray) -> dict[str, float]:
     return {"mean": float(x.mean()), "se": float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")}
 
@@ -193,8 +216,9 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
     For each prompt, ``n_samples`` default and steered continuations are drawn (same seeds). Each
     continuation is fed back unsteered and encoded by the SAE; the score is the feature's mean activation
     over the generated tokens. Returns means with standard errors per arm, the steered − default
-    difference with a bootstrap 95% interval, and, if ``keywords`` are given, the share of continuations
-    that contain one (case-insensitive) with its standard error.
+    difference with a bootstrap 95% interval, the share of distinct tokens per continuation (readability:
+    steering too hard makes text loop), and, if ``keywords`` are given, the share of continuations that
+    mention one (whole words, see ``mentions``) with its standard error.
     """
     if n_samples < 2:
         raise MonoscopeError(f"n_samples must be at least 2 for a standard error (20 or more is advised), got {n_samples}")
@@ -202,7 +226,7 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
         raise MonoscopeError("prompts must be a non-empty list of strings")
     _check_gen(max_new_tokens, n_samples, temperature)
     ivs = _check(lm, sae, [Intervention(feature, value, mode)])
-    arms: dict[str, dict[str, list]] = {"default": {"act": [], "text": []}, "steered": {"act": [], "text": []}}
+    arms: dict[str, dict[str, list]] = {arm: {"act": [], "text": [], "distinct": []} for arm in ("default", "steered")}
     for p_i, prompt in enumerate(prompts):
         ids = _prompt_ids(lm, prompt)
         for arm in arms:
@@ -211,24 +235,76 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
                 new = _sample(lm, ids, n_samples, max_new_tokens, temperature, seed + p_i)
             arms[arm]["act"].append(_feature_on_generated(lm, sae, ids, new, ivs[0].feature))
             arms[arm]["text"] += _decode(lm, new)
+            arms[arm]["distinct"].append(distinct_share(new))
     result: dict = {"feature": ivs[0].feature, "value": ivs[0].value, "mode": ivs[0].mode,
+                    "keywords": list(keywords or []),
                     "n_prompts": len(prompts), "n_samples": n_samples, "max_new_tokens": max_new_tokens,
                     "temperature": temperature, "seed": seed}
     acts = {arm: np.concatenate(arms[arm]["act"]) for arm in arms}
     for arm in arms:
-        result[arm] = {"mean_activation": _summary(acts[arm])}
+        result[arm] = {"mean_activation": _summary(acts[arm]),
+                       "distinct_tokens": _summary(np.concatenate(arms[arm]["distinct"]))}
         if keywords:
-            words = [k.lower() for k in keywords]
-            hits = np.array([any(w in t.lower() for w in words) for t in arms[arm]["text"]], dtype=float)
+            hits = np.array([mentions(t, keywords) for t in arms[arm]["text"]], dtype=float)
             p = float(hits.mean())
-            result[arm]["keyword_rate"] = {"mean": p, "se": math.sqrt(p * (1 - p) / len(hits))}
+            result[arm]["keyword_rate"] = {"mean": p, "se": math.sqrt(p * (1 - p) / len(hits)),
+                                           "hits": int(hits.sum()), "n": len(hits)}
         result[arm]["examples"] = arms[arm]["text"][:3]
+        result[arm]["texts"] = arms[arm]["text"]
     rng = np.random.default_rng(seed)
     a, b = acts["default"], acts["steered"]
     boots = np.array([rng.choice(b, len(b)).mean() - rng.choice(a, len(a)).mean() for _ in range(n_boot)])
     result["difference"] = {"mean": float(b.mean() - a.mean()),
                             "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]}
     return result
+
+
+@torch.no_grad()
+def screen_features(lm, sae, features: Sequence[int], values: Sequence[float], keywords: Sequence[Sequence[str]],
+                    prompts: Sequence[str], *, max_new_tokens: int = 10, temperature: float = 0.7, seed: int = 0,
+                    batch: int = 128) -> list[dict]:
+    """A cheap first look at many candidate features: which ones, clamped, make the text mention their keywords?
+
+    One continuation per (feature, prompt), with every feature in its own row of one batch (row r clamps
+    ``features[r]`` to ``values[r]``), so a hundred candidates cost about one generation. Returns, per
+    feature, the share of its continuations that mention one of its keywords and their distinct-token share.
+    Too few samples to report: use it to choose the feature, then measure that one with ``steering_effect``
+    on other seeds.
+    """
+    from monoscope.hookpoints import edit
+
+    if not (len(features) == len(values) == len(keywords)):
+        raise MonoscopeError("screen_features needs one value and one keyword list per feature")
+    _check(lm, sae, [Intervention(0, 0.0)])
+    out = {int(f): {"feature": int(f), "hits": 0, "n": 0, "distinct": []} for f in features}
+    for start in range(0, len(features), batch):
+        feats = [int(f) for f in features[start:start + batch]]
+        dirs = _directions(sae, feats)
+        vals = torch.tensor([float(v) for v in values[start:start + batch]], dtype=dirs.dtype, device=dirs.device)
+        idx = torch.tensor(feats, device=dirs.device)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            flat = x.to(dirs.dtype)
+            f = sae.encode(flat.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+            cur = f.gather(-1, idx[:, None].expand(-1, x.shape[1])[..., None])[..., 0]  # [rows, T]
+            new = flat + (vals[:, None] - cur)[..., None] * dirs[:, None, :]
+            if x.shape[1] > 1:
+                new[:, 0] = flat[:, 0]  # BOS left alone, as in ``steer``
+            return new.to(x.dtype)
+
+        for p_i, prompt in enumerate(prompts):
+            ids = _prompt_ids(lm, prompt)
+            with edit(lm.model, sae.cfg.hook_name, fn):
+                new = _sample(lm, ids, len(feats), max_new_tokens, temperature, seed + p_i)
+            for f, kws, text, dist in zip(feats, keywords[start:start + batch], _decode(lm, new), distinct_share(new)):
+                out[f]["hits"] += int(mentions(text, kws))
+                out[f]["n"] += 1
+                out[f]["distinct"].append(float(dist))
+    rows = []
+    for rec in out.values():
+        rows.append({"feature": rec["feature"], "keyword_rate": rec["hits"] / max(1, rec["n"]),
+                     "distinct_tokens": float(np.mean(rec["distinct"])) if rec["distinct"] else float("nan")})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -1,0 +1,92 @@
+"""Does clamping a concept feature make Gemma 3 270M talk about the concept? The run's steering demo, measured.
+
+    python benchmarks/steering.py RUN_FOLDER [--samples 24] [--tokens 24] [--seed 0] [--out steering.json]
+
+RUN_FOLDER is a finished `monoscope run` (its SAE under saes/saes/ and feature statistics under
+stats/features). The script runs the same choice and measurement as the pipeline's steer stage
+(monoscope.pipeline._steering_demo): common words from unsteered text, concept candidates from the
+feature statistics, a one-sample-per-prompt screen, then `steering_effect` on fresh seeds. Prints the
+feature, its keywords, keyword rate / feature activation / distinct-token share default vs steered with
+standard errors (and a bootstrap 95% interval of the activation difference), and example texts.
+"""
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from monoscope.models import load_model
+from monoscope.pipeline import RunConfig, _pick_main_sae, _steering_demo
+
+
+def _measure_one(lm, sae_folder, stats, feature, cfg):
+    """The demo's measurement for a given feature: same prompts, seeds, keywords rule and clamp value."""
+    from monoscope.interpret.autointerp import StatsReader
+    from monoscope.interpret.steer import _decode, _prompt_ids, _sample, steering_effect
+    from monoscope.pipeline import STEER_PROMPTS, common_words, feature_keywords, steering_value
+    from monoscope.sae.io import load_sae
+
+    n_per = max(2, -(-cfg.steer_samples // len(STEER_PROMPTS)))
+    plain = [t for i, p in enumerate(STEER_PROMPTS)
+             for t in _decode(lm, _sample(lm, _prompt_ids(lm, p), n_per, cfg.steer_tokens, 0.7, cfg.seed + 1000 + i))]
+    rec = StatsReader(stats).record(feature)
+    keys, value = feature_keywords(rec, common_words(plain)), steering_value(rec["max"])
+    eff = steering_effect(lm, load_sae(sae_folder), feature, value, list(STEER_PROMPTS), n_samples=n_per,
+                          max_new_tokens=cfg.steer_tokens, seed=cfg.seed, keywords=keys)
+    texts = {arm: eff[arm].pop("texts") for arm in ("default", "steered")}
+    return {"feature": feature, "value": value, "keywords": keys, "density": rec["density"], "effect": eff,
+            "texts": texts, "explanation": "given with --feature",
+            "screen": {"candidates": 0, "keyword_rate": float("nan"), "distinct_tokens": float("nan")}}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run", help="a finished run folder")
+    ap.add_argument("--samples", type=int, default=24, help="continuations per arm (spread over 3 prompts)")
+    ap.add_argument("--tokens", type=int, default=24, help="tokens per continuation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--feature", type=int, default=None,
+                    help="measure this feature (keywords from its statistics, clamp at its max) instead of choosing one")
+    ap.add_argument("--out", default=None, help="where to write the full result (JSON)")
+    ns = ap.parse_args()
+    torch.set_num_threads(ns.threads)
+    run = Path(ns.run)
+    cfg = RunConfig(**{k: v for k, v in json.loads((run / "run_config.json").read_text()).items()
+                       if k in RunConfig.__dataclass_fields__})
+    cfg.steer_samples, cfg.steer_tokens, cfg.seed = ns.samples, ns.tokens, ns.seed
+    table = json.loads((run / "saes" / "stage.json").read_text())["result"]["table"]
+    sae = str(run / "saes" / _pick_main_sae(table))
+    lm = load_model(cfg.model, device=cfg.device)
+    started = time.perf_counter()
+    stats = str(run / "stats" / "features")
+    if ns.feature is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = _steering_demo(lm, sae, stats, str(run / "explain" / "features.jsonl"), cfg, Path(tmp))
+    else:
+        res = _measure_one(lm, sae, stats, ns.feature, cfg)
+    eff = res["effect"]
+    print(f"SAE {sae}\nfeature {res['feature']}: {res['explanation']}  (density {res['density']:.4f})")
+    print(f"keywords {res['keywords']}\nclamp value {res['value']:.1f}; screen over {res['screen']['candidates']} "
+          f"candidates: keyword rate {res['screen']['keyword_rate']:.2f}, distinct {res['screen']['distinct_tokens']:.2f}")
+    print(f"{'':10}{'keyword rate':>22}{'feature activation':>24}{'distinct tokens':>20}")
+    for arm in ("default", "steered"):
+        k, a, d = eff[arm]["keyword_rate"], eff[arm]["mean_activation"], eff[arm]["distinct_tokens"]
+        print(f"{arm:10}{k['hits']:>5}/{k['n']:<3} {k['mean']:.2f} ± {k['se']:.2f}{a['mean']:>14.2f} ± {a['se']:.2f}"
+              f"{d['mean']:>14.2f} ± {d['se']:.2f}")
+    lo, hi = eff["difference"]["ci95"]
+    print(f"activation difference {eff['difference']['mean']:.2f}, 95% CI [{lo:.2f}, {hi:.2f}]; "
+          f"n = {eff['n_prompts']} prompts x {eff['n_samples']} samples per arm")
+    for arm in ("default", "steered"):
+        print(f"--- {arm} (first of each prompt)")
+        for t in res["texts"][arm][::eff["n_samples"]]:
+            print("   ", t.replace("\n", " ⏎ ")[:160])
+    print(f"took {time.perf_counter() - started:.0f} s")
+    if ns.out:
+        Path(ns.out).write_text(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
