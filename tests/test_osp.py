@@ -8,7 +8,7 @@ from sklearn.svm import SVC
 
 from monoscope.errors import MonoscopeError
 from monoscope.probing import optimal_sparse_probe, optimal_sparse_probe_path, split_by_sequence, sweep
-from monoscope.probing.osp import _prepare_pool, solve_inner_svm
+from monoscope.probing.osp import _prepare_pool, _Solver, solve_inner_svm
 
 
 def data(n=240, p=11, seed=1):
@@ -48,6 +48,7 @@ def test_cuts_are_valid_lower_bounds_everywhere():
     pool, Z, y_pm, h = _prepare_pool(X, y, 8, "balanced")
     gamma = 1 / math.sqrt(len(y))
     cuts = [solve_inner_svm(Z, y_pm, h, gamma, S) for S in [(0,), (2, 5), (1, 3, 4)]]
+    cuts += _Solver(Z, y_pm, h, gamma, 1e-7).relaxation_cuts(2, deadline=math.inf, iterations=5)[0]
     for k in (1, 2, 3):
         for S in itertools.combinations(range(8), k):
             truth = solve_inner_svm(Z, y_pm, h, gamma, S).value

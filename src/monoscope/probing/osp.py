@@ -273,6 +273,31 @@ class _Solver:
         found = [c for c in self.cuts.values() if len(c.support) == k]
         return min(found, key=lambda c: c.value) if found else None
 
+    def relaxation_cuts(self, k: int, deadline: float, iterations: int = 40) -> tuple[list[SVMCut], np.ndarray]:
+        """Cuts from the Boolean relaxation  min c(s) over 0 <= s <= 1, sum s = k  (projected gradient),
+        and the last fractional s.
+
+        At a fractional s the SVM is the one on columns scaled by sqrt(s_j); its dual point is feasible for
+        every support, so each iterate's cut is valid, and together they lift the master's bound towards the
+        relaxation's value (the cuts of integer supports alone leave gaps of 75-98 % at k >= 5 on real data).
+        """
+        from monoscope.probing.svm_kernel import solve_support
+
+        p = self.Z.shape[1]
+        s = np.full(p, k / p)
+        cuts = []
+        for it in range(iterations):
+            if time.perf_counter() > deadline:
+                break
+            Y = np.ascontiguousarray(self.Z * np.sqrt(s) * self.y_pm[:, None])
+            alpha = solve_support(Y, self.y_pm, self.h, self.gamma, np.arange(p, dtype=np.int64), 1e-6)[4]
+            v = self.Z.T @ (alpha * self.y_pm)
+            cut = SVMCut((), math.nan, float(alpha.sum()), -0.5 * self.gamma * v**2)
+            cuts.append(cut)
+            step = k / (np.abs(cut.coef).max() * (it + 2))  # diminishing steps, scaled to the gradient
+            s = _capped_simplex(s - step * cut.coef, k)
+        return cuts, s
+
     def solve(self, k: int, warm: list, time_limit: float, rel_gap: float, enumerate_limit: int) -> tuple:
         start = time.perf_counter()
         for support in warm:
@@ -289,6 +314,10 @@ class _Solver:
         if math.comb(p, k) <= enumerate_limit:
             return self._enumerate(k, start, time_limit, rel_gap)
         master = _Master(p, k)
+        cuts, s = self.relaxation_cuts(k, start + 0.25 * time_limit)
+        for cut in cuts:
+            master.add_cut(cut)
+        self.evaluate(np.argsort(-s)[:k])  # the relaxation rounded: often a good incumbent
         # every cached cut is valid for this k; best supports first, and at most half the time limit spent
         # loading them
         for cut in sorted(self.cuts.values(), key=lambda c: c.value):
@@ -355,6 +384,15 @@ class _Solver:
         bound = min(float(lower.min()), best.value)
         status = "optimal" if best.value - bound <= rel_gap * max(abs(best.value), 1e-12) else "time_limit"
         return best, bound, status, [(bound, best.value)], time.perf_counter() - start
+
+
+def _capped_simplex(x: np.ndarray, k: float) -> np.ndarray:
+    """Euclidean projection onto {0 <= s <= 1, sum s = k} (bisection on the shift)."""
+    lo, hi = float(x.min()) - 1.0, float(x.max())
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if np.clip(x - mid, 0.0, 1.0).sum() > k else (lo, mid)
+    return np.clip(x - hi, 0.0, 1.0)
 
 
 _SCREEN_BATCH = 8192  # subsets per compiled call: the time limit is checked between calls
