@@ -25,14 +25,14 @@ def _measure_one(lm, sae_folder, stats, feature, cfg):
     """The demo's measurement for a given feature: same prompts, seeds, keywords rule and clamp value."""
     from monoscope.interpret.autointerp import StatsReader
     from monoscope.interpret.steer import _decode, _prompt_ids, _sample, steering_effect
-    from monoscope.pipeline import STEER_PROMPTS, common_words, feature_keywords, steering_value
+    from monoscope.pipeline import KEYWORD_MAX_SHARE, STEER_PROMPTS, common_words, feature_keywords, steering_value
     from monoscope.sae.io import load_sae
 
     n_per = max(2, -(-cfg.steer_samples // len(STEER_PROMPTS)))
     plain = [t for i, p in enumerate(STEER_PROMPTS)
              for t in _decode(lm, _sample(lm, _prompt_ids(lm, p), n_per, cfg.steer_tokens, 0.7, cfg.seed + 1000 + i))]
     rec = StatsReader(stats).record(feature)
-    keys, value = feature_keywords(rec, common_words(plain)), steering_value(rec["max"])
+    keys, value = feature_keywords(rec, common_words(plain, KEYWORD_MAX_SHARE)), steering_value(rec["max"])
     eff = steering_effect(lm, load_sae(sae_folder), feature, value, list(STEER_PROMPTS), n_samples=n_per,
                           max_new_tokens=cfg.steer_tokens, seed=cfg.seed, keywords=keys)
     texts = {arm: eff[arm].pop("texts") for arm in ("default", "steered")}

@@ -77,8 +77,9 @@ def test_common_words_and_keywords():
     texts = ["the cat sat", "the dog ran", "a Korean poem", "the end"]
     assert common_words(texts, max_share=0.5) == {"the"}
     rec = {"top": [{"tokens": [" North", " Korea"], "focus": 1}] * 3 + [{"tokens": [" the"], "focus": 0}],
-           "logits": {"pos": [[" yuan", 3.0], ["jong", 2.0], ["7", 1.0], [" of", 0.5]]}}
-    assert feature_keywords(rec, common={"the"}) == ["jong", "korea", "yuan"]
+           "logits": {"pos": [[" Koreans", 3.0], ["jong", 2.0], ["7", 1.0], [" along", 0.5]]}}
+    # promoted tokens count only as inflections of the top examples' words, never on their own
+    assert feature_keywords(rec, common={"the"}) == ["korea", "koreans"]
 
 
 def test_rerun_skips_finished_stages(tiny_run, capsys):

@@ -317,6 +317,8 @@ def _sample_units(stats_folder: str, n: int, seed: int) -> list[int]:
 
 
 STEER_PROMPTS = ("I think that", "The most important thing is", "Here is a short story:")
+KEYWORD_MAX_SHARE = 0.2  # a keyword found in more unsteered continuations than this cannot show an increase
+STEER_CANDIDATES = 128  # features screened for the demo (384 picked the same one in twice the time)
 
 
 def common_words(texts: list[str], max_share: float = 0.03) -> set[str]:
@@ -335,25 +337,31 @@ def common_words(texts: list[str], max_share: float = 0.03) -> set[str]:
 
 
 def feature_keywords(record: dict, common: set[str] = frozenset(), min_count: int = 2) -> list[str]:
-    """The words a feature stands for: those its top examples sit on (at least ``min_count`` times) and the
-    tokens its decoder direction promotes most, lower-cased, 3+ letters, minus ``common`` words."""
+    """The words a feature stands for: those its top examples sit on (at least ``min_count`` times), plus the
+    promoted tokens that are inflections of them (same first four letters: 'vehicle' → 'vehicles'), lower-cased,
+    3+ letters, minus ``common`` words. Promoted tokens alone are not taken: at a middle layer they are
+    mostly unrelated fragments ('same', 'along') that would count as hits by chance."""
     from collections import Counter
 
     from monoscope.interpret.steer import words
 
     focus = Counter(w for ex in record.get("top", []) if ex.get("tokens") for w in words(ex["tokens"][ex["focus"]]))
-    keys = {w for w, c in focus.items() if c >= min_count}
-    keys |= {w for tok, _ in (record.get("logits") or {}).get("pos", []) for w in words(tok)}
-    return sorted(w for w in keys if len(w) >= 3 and w not in common)
+    keys = {w for w, c in focus.items() if c >= min_count and len(w) >= 3}
+    stems = {w[:4] for w in keys if len(w) >= 4}
+    promoted = {w for tok, _ in (record.get("logits") or {}).get("pos", []) for w in words(tok)}
+    keys |= {w for w in promoted if len(w) >= 4 and w[:4] in stems}
+    return sorted(w for w in keys if w not in common)
 
 
 def concept_candidates(stats_folder: str, common: set[str] = frozenset(), max_density: float = 0.05,
-                       min_density: float = 2e-4, min_share: float = 0.3, n: int = 128) -> list[dict]:
+                       min_density: float = 2e-4, min_share: float = 0.3, n: int = 128,
+                       frequent: set[str] | None = None) -> list[dict]:
     """Features whose top examples mostly sit on one uncommon word (a concrete concept), best first.
 
     Dense features (above ``max_density``) are skipped: clamping one changes everything and shows no
     concept. Ranked by the share of top examples on that word (ties: the denser feature, so the demo has
-    examples to show). Each candidate carries its concept word, that share and its keywords.
+    examples to show). Each candidate carries its concept word, that share and its keywords (minus the
+    ``frequent`` words, by default the ``common`` ones).
     """
     from collections import Counter
 
@@ -379,7 +387,7 @@ def concept_candidates(stats_folder: str, common: set[str] = frozenset(), max_de
         share = count / max(1, len(top))
         if share >= min_share:
             found.append({"feature": int(f), "word": word, "share": share, "density": float(density[f]),
-                          "keywords": feature_keywords(rec, common)})
+                          "keywords": feature_keywords(rec, common if frequent is None else frequent)})
     found.sort(key=lambda c: (-c["share"], -c["density"]))
     return found[:n]
 
@@ -416,8 +424,8 @@ def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, 
 
     1. The model's unsteered continuations give the common words to leave out (``common_words``).
     2. Features whose top examples sit on one uncommon word are the candidates (``concept_candidates``).
-    3. A cheap screen clamps each candidate once per prompt and keeps the one whose keywords appear most
-       while the text stays readable (``screen_features``).
+    3. A cheap screen clamps each candidate once per prompt, then the best eight four times more, and keeps
+       the one whose keywords appear most while the text stays readable (``screen_features``).
     4. ``steering_effect`` measures it on other seeds: keyword rate, the feature's activation on the
        generated text and the distinct-token share, default vs steered. Choosing on the screen and measuring
        on fresh samples keeps the reported effect free of the selection.
@@ -434,17 +442,31 @@ def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, 
     n_per = max(2, -(-cfg.steer_samples // len(prompts)))
     plain = [t for i, p in enumerate(prompts)
              for t in _decode(lm, _sample(lm, _prompt_ids(lm, p), n_per, cfg.steer_tokens, 0.7, cfg.seed + 1000 + i))]
-    common = common_words(plain)
-    found = concept_candidates(stats_folder, common)
+    frequent = common_words(plain, KEYWORD_MAX_SHARE)
+    found = concept_candidates(stats_folder, common_words(plain), frequent=frequent, n=STEER_CANDIDATES)
     if not found:  # nothing uncommon: fall back to the best shared word of any kind
-        found = concept_candidates(stats_folder, min_share=0.0)
-    values = [steering_value(float(arrays["max"][c["feature"]])) for c in found]
-    screen = screen_features(lm, sae, [c["feature"] for c in found], values, [c["keywords"] for c in found],
-                             prompts, max_new_tokens=min(cfg.steer_tokens, 12), seed=cfg.seed + 2000)
-    best = max(range(len(found)), key=lambda i: (screen[i]["distinct_tokens"] >= 0.6, screen[i]["keyword_rate"],
-                                                 found[i]["share"]))
-    pick, value = found[best], values[best]
-    feature = pick["feature"]
+        found = concept_candidates(stats_folder, min_share=0.0, frequent=frequent)
+    for c in found:
+        c["value"] = steering_value(float(arrays["max"][c["feature"]]))
+
+    def screen(cands: list[dict], repeats: int, seed: int) -> dict[int, dict]:
+        rows = [c for c in cands for _ in range(repeats)]  # repeated rows: more continuations per feature
+        out = screen_features(lm, sae, [c["feature"] for c in rows], [c["value"] for c in rows],
+                              [c["keywords"] for c in rows], prompts, max_new_tokens=min(cfg.steer_tokens, 12),
+                              seed=seed)
+        return {r["feature"]: r for r in out}
+
+    def promise(first: dict[int, dict]):
+        return lambda c: (first[c["feature"]]["distinct_tokens"] >= 0.6, first[c["feature"]]["keyword_rate"],
+                          c["share"])
+
+    # two rounds: one continuation per prompt for every candidate, then four more for the best eight, so a
+    # single lucky hit in round one cannot win
+    first = screen(found, 1, cfg.seed + 2000)
+    finalists = sorted(found, key=promise(first), reverse=True)[:8]
+    second = screen(finalists, 4, cfg.seed + 3000)
+    pick = max(finalists, key=promise(second))
+    feature, value = pick["feature"], pick["value"]
     explanation = (read_results(explained_path).get(feature) or {}).get("explanation") or ""
     effect = steering_effect(lm, sae, feature, value, prompts, n_samples=n_per, max_new_tokens=cfg.steer_tokens,
                              seed=cfg.seed, keywords=pick["keywords"])
@@ -456,8 +478,9 @@ def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, 
               "density": pick["density"],
               "explanation": explanation or f"its top examples sit on the word '{pick['word']}' "
                                             f"({pick['share']:.0%} of them)",
-              "screen": {"candidates": len(found), "keyword_rate": screen[best]["keyword_rate"],
-                         "distinct_tokens": screen[best]["distinct_tokens"]},
+              "screen": {"candidates": len(found), "finalists": len(finalists),
+                         "keyword_rate": second[feature]["keyword_rate"],
+                         "distinct_tokens": second[feature]["distinct_tokens"]},
               "effect": _jsonable(effect), "examples": pairs, "prompt": prompts[0], "texts": texts}
     write_json(folder / "steering.json", result)
     return result
