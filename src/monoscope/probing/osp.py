@@ -105,9 +105,9 @@ def solve_inner_svm(
         return upper, float(alpha.sum() - 0.5 * gamma * v_S @ v_S), alpha
 
     lower, upper, status, theta, alpha = solve_support(
-        np.ascontiguousarray(Z * y_pm[:, None]), y_pm, h, gamma, np.asarray(support, dtype=np.int64), rel_tol
+        np.ascontiguousarray(X1[:, :-1]), y_pm, h, gamma, np.arange(len(support), dtype=np.int64), rel_tol
     )
-    best = bounds(theta, alpha)
+    best = (upper, lower, alpha)  # the kernel's own certified pair for this alpha
     closed = lambda b: b[0] - b[1] <= rel_tol * max(abs(b[0]), 1.0)  # noqa: E731
     if status != SOLVED and not closed(best):
         r = 1.0 - X1 @ theta
