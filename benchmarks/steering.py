@@ -5,7 +5,7 @@
 RUN_FOLDER is a finished `monoscope run` (its SAE under saes/saes/ and feature statistics under
 stats/features). The script runs the same choice and measurement as the pipeline's steer stage
 (monoscope.pipeline._steering_demo): common words from unsteered text, concept candidates from the
-feature statistics, a one-sample-per-prompt screen, then `steering_effect` on fresh seeds. Prints the
+feature statistics, a two-round screen, then `steering_effect` on fresh seeds. Prints the
 feature, its keywords, keyword rate / feature activation / distinct-token share default vs steered with
 standard errors (and a bootstrap 95% interval of the activation difference), and example texts.
 """
@@ -24,17 +24,17 @@ from monoscope.pipeline import RunConfig, _pick_main_sae, _steering_demo
 def _measure_one(lm, sae_folder, stats, feature, cfg):
     """The demo's measurement for a given feature: same prompts, seeds, keywords rule and clamp value."""
     from monoscope.interpret.autointerp import StatsReader
-    from monoscope.interpret.steer import _decode, _prompt_ids, _sample, steering_effect
-    from monoscope.pipeline import KEYWORD_MAX_SHARE, STEER_PROMPTS, common_words, feature_keywords, steering_value
+    from monoscope.interpret.steer import steering_effect
+    from monoscope.pipeline import (KEYWORD_MAX_SHARE, STEER_PROMPTS, common_words, feature_keywords,
+                                    steer_samples_per_prompt, steering_value, unsteered_texts)
     from monoscope.sae.io import load_sae
 
-    n_per = max(2, -(-cfg.steer_samples // len(STEER_PROMPTS)))
-    plain = [t for i, p in enumerate(STEER_PROMPTS)
-             for t in _decode(lm, _sample(lm, _prompt_ids(lm, p), n_per, cfg.steer_tokens, 0.7, cfg.seed + 1000 + i))]
     rec = StatsReader(stats).record(feature)
-    keys, value = feature_keywords(rec, common_words(plain, KEYWORD_MAX_SHARE)), steering_value(rec["max"])
-    eff = steering_effect(lm, load_sae(sae_folder), feature, value, list(STEER_PROMPTS), n_samples=n_per,
-                          max_new_tokens=cfg.steer_tokens, seed=cfg.seed, keywords=keys)
+    keys = feature_keywords(rec, common_words(unsteered_texts(lm, cfg), KEYWORD_MAX_SHARE))
+    value = steering_value(rec["max"])
+    eff = steering_effect(lm, load_sae(sae_folder), feature, value, list(STEER_PROMPTS),
+                          n_samples=steer_samples_per_prompt(cfg), max_new_tokens=cfg.steer_tokens, seed=cfg.seed,
+                          keywords=keys)
     texts = {arm: eff[arm].pop("texts") for arm in ("default", "steered")}
     return {"feature": feature, "value": value, "keywords": keys, "density": rec["density"], "effect": eff,
             "texts": texts, "explanation": "given with --feature",

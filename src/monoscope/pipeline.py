@@ -336,17 +336,23 @@ def common_words(texts: list[str], max_share: float = 0.03) -> set[str]:
     return {w for w, c in df.items() if c > max_share * max(1, len(texts))}
 
 
+def _focus_words(record: dict):
+    """How often each word is the token a feature's top examples sit on (a Counter)."""
+    from collections import Counter
+
+    from monoscope.interpret.steer import words
+
+    return Counter(w for ex in record.get("top", []) if ex.get("tokens") for w in words(ex["tokens"][ex["focus"]]))
+
+
 def feature_keywords(record: dict, common: set[str] = frozenset(), min_count: int = 2) -> list[str]:
     """The words a feature stands for: those its top examples sit on (at least ``min_count`` times), plus the
     promoted tokens that are inflections of them (same first four letters: 'vehicle' → 'vehicles'), lower-cased,
     3+ letters, minus ``common`` words. Promoted tokens alone are not taken: at a middle layer they are
     mostly unrelated fragments ('same', 'along') that would count as hits by chance."""
-    from collections import Counter
-
     from monoscope.interpret.steer import words
 
-    focus = Counter(w for ex in record.get("top", []) if ex.get("tokens") for w in words(ex["tokens"][ex["focus"]]))
-    keys = {w for w, c in focus.items() if c >= min_count and len(w) >= 3}
+    keys = {w for w, c in _focus_words(record).items() if c >= min_count and len(w) >= 3}
     stems = {w[:4] for w in keys if len(w) >= 4}
     promoted = {w for tok, _ in (record.get("logits") or {}).get("pos", []) for w in words(tok)}
     keys |= {w for w in promoted if len(w) >= 4 and w[:4] in stems}
@@ -369,7 +375,6 @@ def concept_candidates(stats_folder: str, common: set[str] = frozenset(), max_de
 
     from monoscope.interpret.autointerp import StatsReader
     from monoscope.interpret.stats import load_feature_stats
-    from monoscope.interpret.steer import words
 
     _, arrays = load_feature_stats(stats_folder)
     density = arrays["density"].numpy()
@@ -378,35 +383,16 @@ def concept_candidates(stats_folder: str, common: set[str] = frozenset(), max_de
     found = []
     for f in pool:
         rec = reader.record(int(f))
-        top = rec.get("top", [])
-        focus = Counter(w for ex in top if ex.get("tokens") for w in words(ex["tokens"][ex["focus"]]))
-        focus = Counter({w: c for w, c in focus.items() if len(w) >= 3 and w not in common})
+        focus = Counter({w: c for w, c in _focus_words(rec).items() if len(w) >= 3 and w not in common})
         if not focus:
             continue
         word, count = focus.most_common(1)[0]
-        share = count / max(1, len(top))
+        share = count / max(1, len(rec.get("top", [])))
         if share >= min_share:
             found.append({"feature": int(f), "word": word, "share": share, "density": float(density[f]),
                           "keywords": feature_keywords(rec, common if frequent is None else frequent)})
     found.sort(key=lambda c: (-c["share"], -c["density"]))
     return found[:n]
-
-
-def concept_feature(stats_folder: str, max_density: float = 0.05, min_density: float = 1e-3,
-                    candidates: int = 400, common: set[str] = frozenset()) -> tuple[int, str, float]:
-    """(feature, word, share) of the best concept candidate (see ``concept_candidates``), without a model.
-
-    Falls back to the densest live feature when no feature's top examples share a word."""
-    import numpy as np
-
-    from monoscope.interpret.stats import load_feature_stats
-
-    found = concept_candidates(stats_folder, common, max_density=max_density, min_density=min_density,
-                               min_share=0.0, n=candidates)
-    if found:
-        return found[0]["feature"], found[0]["word"], found[0]["share"]
-    density = load_feature_stats(stats_folder)[1]["density"].numpy()
-    return int(np.argmax(density)), "", 0.0
 
 
 def steering_value(max_activation: float) -> float:
@@ -417,6 +403,21 @@ def steering_value(max_activation: float) -> float:
     2× (the old rule) turned text into loops and the keyword rate fell.
     """
     return float(max_activation)
+
+
+def steer_samples_per_prompt(cfg: RunConfig) -> int:
+    """The demo's ``steer_samples`` continuations per arm, spread over its prompts (at least 2 each)."""
+    return max(2, -(-cfg.steer_samples // len(STEER_PROMPTS)))
+
+
+def unsteered_texts(lm, cfg: RunConfig) -> list[str]:
+    """The model's own continuations of the demo prompts (seeds apart from the measured ones): the words it
+    uses anyway, which a keyword must not be."""
+    from monoscope.interpret.steer import _decode, _prompt_ids, _sample
+
+    n = steer_samples_per_prompt(cfg)
+    return [t for i, p in enumerate(STEER_PROMPTS)
+            for t in _decode(lm, _sample(lm, _prompt_ids(lm, p), n, cfg.steer_tokens, 0.7, cfg.seed + 1000 + i))]
 
 
 def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, cfg: RunConfig, folder: Path) -> dict:
@@ -432,16 +433,14 @@ def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, 
     """
     from monoscope.interpret.autointerp import read_results
     from monoscope.interpret.stats import load_feature_stats
-    from monoscope.interpret.steer import (Intervention, _decode, _prompt_ids, _sample, generate_side_by_side,
-                                           screen_features, steering_effect)
+    from monoscope.interpret.steer import Intervention, generate_side_by_side, screen_features, steering_effect
     from monoscope.sae.io import load_sae
 
     sae = load_sae(sae_folder)
     _, arrays = load_feature_stats(stats_folder)
     prompts = list(STEER_PROMPTS)
-    n_per = max(2, -(-cfg.steer_samples // len(prompts)))
-    plain = [t for i, p in enumerate(prompts)
-             for t in _decode(lm, _sample(lm, _prompt_ids(lm, p), n_per, cfg.steer_tokens, 0.7, cfg.seed + 1000 + i))]
+    n_per = steer_samples_per_prompt(cfg)
+    plain = unsteered_texts(lm, cfg)
     frequent = common_words(plain, KEYWORD_MAX_SHARE)
     found = concept_candidates(stats_folder, common_words(plain), frequent=frequent, n=STEER_CANDIDATES)
     if not found:  # nothing uncommon: fall back to the best shared word of any kind
