@@ -5,9 +5,10 @@
 RUN_FOLDER is a finished `monoscope run` (its SAE under saes/saes/ and feature statistics under
 stats/features). The script runs the same choice and measurement as the pipeline's steer stage
 (monoscope.pipeline._steering_demo): common words from unsteered text, concept candidates from the
-feature statistics, a two-round screen, then `steering_effect` on fresh seeds. Prints the
-feature, its keywords, keyword rate / feature activation / distinct-token share default vs steered with
-standard errors (and a bootstrap 95% interval of the activation difference), and example texts.
+feature statistics, a two-round screen (bfloat16 where native), then `steering_effect` on fresh seeds in
+fp32. Prints the feature, its keywords, keyword rate / feature activation / distinct-token share default vs
+steered with standard errors, the one-sided Fisher exact p-value of the keyword rise, a bootstrap 95%
+interval of the activation difference, and example texts.
 """
 import argparse
 import json
@@ -76,6 +77,7 @@ def main():
         k, a, d = eff[arm]["keyword_rate"], eff[arm]["mean_activation"], eff[arm]["distinct_tokens"]
         print(f"{arm:10}{k['hits']:>5}/{k['n']:<3} {k['mean']:.2f} ± {k['se']:.2f}{a['mean']:>14.2f} ± {a['se']:.2f}"
               f"{d['mean']:>14.2f} ± {d['se']:.2f}")
+    print(f"keyword rise: one-sided Fisher exact p = {eff['keyword_p_value']:.2g}")
     lo, hi = eff["difference"]["ci95"]
     print(f"activation difference {eff['difference']['mean']:.2f}, 95% CI [{lo:.2f}, {hi:.2f}]; "
           f"n = {eff['n_prompts']} prompts x {eff['n_samples']} samples per arm")

@@ -67,6 +67,7 @@ def test_steering_demo_measures_a_concept_feature(tiny_run):
         assert {"mean_activation", "distinct_tokens", "keyword_rate"} <= set(eff[arm])
         assert len(steering["texts"][arm]) == eff[arm]["keyword_rate"]["n"]
     assert steering["mode"] == "clamp" and steering["keywords"] and steering["screen"]["candidates"] >= 1
+    assert 0.0 <= eff["keyword_p_value"] <= 1.0 and steering["screen"]["activation"] >= 0.0
     found = concept_candidates(str(tiny_run / "stats" / "features"), common={"the"})
     assert all(c["share"] >= 0.3 and c["word"] != "the" and "the" not in c["keywords"] for c in found)
 

@@ -6,8 +6,9 @@ import torch
 
 from monoscope.errors import MonoscopeError
 from monoscope.hookpoints import run_with_capture
-from monoscope.interpret.steer import (Intervention, _pair_up, distinct_share, generate_side_by_side, mentions,
-                                       screen_features, setup_steer, steer, steering_effect, words)
+from monoscope.interpret.steer import (Intervention, _draw, _features_on_generated, _pair_up, distinct_share,
+                                       generate_side_by_side, keyword_p_value, mentions, screen_features,
+                                       setup_steer, steer, steering_effect, words)
 from monoscope.models import tiny_model
 from monoscope.sae import SAEConfig, build_sae, save_sae
 
@@ -104,6 +105,24 @@ def test_steering_effect(lm, sae):
         assert res[arm]["keyword_rate"]["n"] == 8 and len(res[arm]["texts"]) == 8
     lo, hi = res["difference"]["ci95"]
     assert lo <= hi
+    assert 0.0 <= res["keyword_p_value"] <= 1.0
+
+
+def test_keyword_p_value():
+    assert keyword_p_value({"hits": 0, "n": 24}, {"hits": 10, "n": 24}) < 1e-3  # a clear rise
+    assert keyword_p_value({"hits": 3, "n": 24}, {"hits": 3, "n": 24}) > 0.5  # no rise
+    assert keyword_p_value({"hits": 10, "n": 24}, {"hits": 0, "n": 24}) == 1.0  # a fall is not a rise
+
+
+def test_draw_samples_the_softmax():
+    """The inverse-CDF sampler draws each token at its softmax probability and never a zero-probability one."""
+    probs = torch.tensor([0.2, 0.0, 0.3, 0.5])
+    logits = torch.log(probs).expand(20_000, 4)
+    drawn = _draw(logits, 1.0, torch.Generator().manual_seed(0))[:, 0]
+    freq = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    assert freq[1] == 0 and torch.allclose(freq, probs, atol=0.015)
+    sharp = _draw(logits[:2000], 0.25, torch.Generator().manual_seed(1))[:, 0]  # low temperature: the mode
+    assert (sharp == 3).float().mean() > 0.85
 
 
 def test_keywords_match_whole_words():
@@ -137,6 +156,10 @@ def test_screen_row_matches_steer(lm, sae):
     key = words(want)[:1]
     rows = screen_features(lm, sae, [5, 2], [0.0, 400.0], [[], key], ["hello"], max_new_tokens=5, temperature=0.0)
     assert rows[1]["keyword_rate"] == (1.0 if key else 0.0)
+    with steer(lm, sae, [Intervention(2, 400.0, "clamp")]):
+        new = _sample(lm, _prompt_ids(lm, "hello"), 1, 5, 0.0, 0)
+    act = _features_on_generated(lm, sae, _prompt_ids(lm, "hello"), new, [2])[0]
+    assert rows[1]["activation"] == pytest.approx(float(act), rel=1e-4, abs=1e-4)  # re-encoded without steering
 
 
 def test_errors(lm, sae):

@@ -6,6 +6,8 @@ safetensors + tokenizer.json under ``cache_dir()``, so later loads take seconds.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -91,6 +93,18 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
         loaded = _load_hf_folder(name_or_path, torch_dtype, name=name_or_path)
     loaded.model.to(device)
     return loaded
+
+
+def screening_copy(lm: LoadedModel) -> LoadedModel:
+    """A bfloat16 copy of ``lm`` for cheap screens (many candidate generations, one of which is then
+    measured in full precision): bf16 matrix products run ~3.5x faster than fp32 on a CPU with AVX512-BF16
+    or AMX, and on CUDA. Where bf16 would be emulated (slower than fp32) the model itself is returned."""
+    device = next(lm.model.parameters()).device
+    native = device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available()
+                                       and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not native or next(lm.model.parameters()).dtype == torch.bfloat16:
+        return lm
+    return dataclasses.replace(lm, model=copy.deepcopy(lm.model).to(torch.bfloat16))
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:

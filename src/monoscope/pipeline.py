@@ -66,6 +66,8 @@ class RunConfig:
                 "one number per token, which takes minutes per feature on a CPU)"})
     explain_backend: str = field(default="", metadata={"help": "autointerp backend spec (default: hf:<model>)"})
     steer_samples: int = field(default=20, metadata={"help": "generations per arm of the steering demo"})
+    steer_candidates: int = field(default=1024, metadata={
+        "help": "features the steering demo screens (those whose top examples sit most on one word first)"})
     steer_tokens: int = field(default=24, metadata={"help": "tokens generated per steering sample"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice"})
 
@@ -260,7 +262,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, show_progress: bool | None = N
 
     def steer_body(folder: Path) -> dict:
         return _steering_demo(lm, main_sae, stats["features"], explained["features"], cfg, folder)
-    steering = run.stage("steer", [stats, explained, cfg.steer_samples, cfg.steer_tokens], steer_body)
+    steering = run.stage("steer", [stats, explained, cfg.steer_samples, cfg.steer_tokens, cfg.steer_candidates],
+                         steer_body)
 
     from monoscope.report.findings import write_report
 
@@ -318,7 +321,7 @@ def _sample_units(stats_folder: str, n: int, seed: int) -> list[int]:
 
 STEER_PROMPTS = ("I think that", "The most important thing is", "Here is a short story:")
 KEYWORD_MAX_SHARE = 0.2  # a keyword found in more unsteered continuations than this cannot show an increase
-STEER_CANDIDATES = 128  # features screened for the demo (384 picked the same one in twice the time)
+STEER_FINALISTS = 32  # candidates of the screen's second round
 
 
 def common_words(texts: list[str], max_share: float = 0.03) -> set[str]:
@@ -424,16 +427,26 @@ def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, 
     """Find a feature whose clamping makes the text mention its concept, then measure that on fresh seeds.
 
     1. The model's unsteered continuations give the common words to leave out (``common_words``).
-    2. Features whose top examples sit on one uncommon word are the candidates (``concept_candidates``).
-    3. A cheap screen clamps each candidate once per prompt, then the best eight four times more, and keeps
-       the one whose keywords appear most while the text stays readable (``screen_features``).
-    4. ``steering_effect`` measures it on other seeds: keyword rate, the feature's activation on the
-       generated text and the distinct-token share, default vs steered. Choosing on the screen and measuring
-       on fresh samples keeps the reported effect free of the selection.
+    2. Features whose top examples sit on one uncommon word are the candidates (``concept_candidates``,
+       up to ``cfg.steer_candidates``).
+    3. A screen clamps every candidate once per prompt (short continuations, a bfloat16 copy of the model
+       where that is fast), then the best ``STEER_FINALISTS`` four more times per prompt at full length and
+       the best four of those eight more times, and keeps the one whose keywords appear most beyond their
+       unsteered rate while the text stays readable (ties: the feature's own activation on the text). Most
+       candidates do nothing when clamped, so the screen must be wide: on the default run's SAE only a
+       handful of ~900 raised their keyword rate clearly.
+    4. ``steering_effect`` measures it on other seeds in full precision: keyword rate (with a Fisher exact
+       p-value), the feature's activation on the generated text and the distinct-token share, default vs
+       steered. Choosing on the screen and measuring on fresh samples keeps the reported effect free of the
+       selection.
     """
+    from scipy.stats import binom
+
     from monoscope.interpret.autointerp import read_results
     from monoscope.interpret.stats import load_feature_stats
-    from monoscope.interpret.steer import Intervention, generate_side_by_side, screen_features, steering_effect
+    from monoscope.interpret.steer import (Intervention, generate_side_by_side, mentions, screen_features,
+                                           steering_effect, words)
+    from monoscope.models import screening_copy
     from monoscope.sae.io import load_sae
 
     sae = load_sae(sae_folder)
@@ -441,30 +454,42 @@ def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, 
     prompts = list(STEER_PROMPTS)
     n_per = steer_samples_per_prompt(cfg)
     plain = unsteered_texts(lm, cfg)
+    special = {w for tok in lm.tokenizer.all_special_tokens for w in words(tok)}  # '<eos>' is not the word 'eos'
     frequent = common_words(plain, KEYWORD_MAX_SHARE)
-    found = concept_candidates(stats_folder, common_words(plain), frequent=frequent, n=STEER_CANDIDATES)
-    if not found:  # nothing uncommon: fall back to the best shared word of any kind
-        found = concept_candidates(stats_folder, min_share=0.0, frequent=frequent)
+    found = concept_candidates(stats_folder, common_words(plain) | special, frequent=frequent | special,
+                               n=cfg.steer_candidates)
+    if not found:  # nothing uncommon (a tiny model): fall back to the best shared word of any kind
+        found = concept_candidates(stats_folder, min_share=0.0, frequent=frequent, n=cfg.steer_candidates)
     for c in found:
         c["value"] = steering_value(float(arrays["max"][c["feature"]]))
+        # how often the unsteered text has the keywords anyway (add-one smoothed: never exactly zero)
+        c["base_rate"] = (sum(mentions(t, c["keywords"]) for t in plain) + 1) / (len(plain) + 2)
+    fast = screening_copy(lm)
 
-    def screen(cands: list[dict], repeats: int, seed: int) -> dict[int, dict]:
+    def screen(cands: list[dict], repeats: int, tokens: int, seed: int) -> dict[int, dict]:
         rows = [c for c in cands for _ in range(repeats)]  # repeated rows: more continuations per feature
-        out = screen_features(lm, sae, [c["feature"] for c in rows], [c["value"] for c in rows],
-                              [c["keywords"] for c in rows], prompts, max_new_tokens=min(cfg.steer_tokens, 12),
-                              seed=seed)
+        out = screen_features(fast, sae, [c["feature"] for c in rows], [c["value"] for c in rows],
+                              [c["keywords"] for c in rows], prompts, max_new_tokens=tokens, seed=seed)
         return {r["feature"]: r for r in out}
 
-    def promise(first: dict[int, dict]):
-        return lambda c: (first[c["feature"]]["distinct_tokens"] >= 0.6, first[c["feature"]]["keyword_rate"],
-                          c["share"])
+    def promise(result: dict[int, dict]):
+        """Readable text first, then how unlikely its keyword hits are at the unsteered rate (a binomial tail:
+        5 of 12 is striking for a word the model never says, chance for one it says every fifth time),
+        then the feature's activation on the text."""
+        def key(c):
+            r = result[c["feature"]]
+            return r["distinct_tokens"] >= 0.6, -binom.sf(r["hits"] - 1, r["n"], c["base_rate"]), r["activation"]
+        return key
 
-    # two rounds: one continuation per prompt for every candidate, then four more for the best eight, so a
-    # single lucky hit in round one cannot win
-    first = screen(found, 1, cfg.seed + 2000)
-    finalists = sorted(found, key=promise(first), reverse=True)[:8]
-    second = screen(finalists, 4, cfg.seed + 3000)
-    pick = max(finalists, key=promise(second))
+    first = screen(found, 1, min(cfg.steer_tokens, 12), cfg.seed + 2000)
+    finalists = sorted(found, key=promise(first), reverse=True)[:STEER_FINALISTS]
+    second = screen(finalists, 4, cfg.steer_tokens, cfg.seed + 3000)
+    # the best of 32 on 12 samples is partly luck: the top four get 24 more, and the pooled counts decide
+    best = sorted(finalists, key=promise(second), reverse=True)[:4]
+    third = screen(best, 8, cfg.steer_tokens, cfg.seed + 4000)
+    del fast
+    pooled = {f: _pool(second[f], third[f]) for f in third}
+    pick = max(best, key=promise(pooled))
     feature, value = pick["feature"], pick["value"]
     explanation = (read_results(explained_path).get(feature) or {}).get("explanation") or ""
     effect = steering_effect(lm, sae, feature, value, prompts, n_samples=n_per, max_new_tokens=cfg.steer_tokens,
@@ -478,11 +503,19 @@ def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, 
               "explanation": explanation or f"its top examples sit on the word '{pick['word']}' "
                                             f"({pick['share']:.0%} of them)",
               "screen": {"candidates": len(found), "finalists": len(finalists),
-                         "keyword_rate": second[feature]["keyword_rate"],
-                         "distinct_tokens": second[feature]["distinct_tokens"]},
+                         "keyword_base_rate": pick["base_rate"],
+                         **{k: pooled[feature][k] for k in ("keyword_rate", "activation", "distinct_tokens")}},
               "effect": _jsonable(effect), "examples": pairs, "prompt": prompts[0], "texts": texts}
     write_json(folder / "steering.json", result)
     return result
+
+
+def _pool(a: dict, b: dict) -> dict:
+    """Two screens of the same feature as one: summed hits, sample-weighted means."""
+    n = a["n"] + b["n"]
+    mean = {k: (a[k] * a["n"] + b[k] * b["n"]) / n for k in ("activation", "distinct_tokens")}
+    return {"feature": a["feature"], "hits": a["hits"] + b["hits"], "n": n,
+            "keyword_rate": (a["hits"] + b["hits"]) / n, **mean}
 
 
 def _jsonable(obj):
