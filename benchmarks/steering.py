@@ -5,7 +5,7 @@
 RUN_FOLDER is a finished `monoscope run` (its SAE under saes/saes/ and feature statistics under
 stats/features). The script runs the same choice and measurement as the pipeline's steer stage
 (monoscope.pipeline._steering_demo): common words from unsteered text, concept candidates from the
-feature statistics, a two-round screen (bfloat16 where native), then `steering_effect` on fresh seeds in
+feature statistics, a three-round screen (bfloat16 where native), then `steering_effect` on fresh seeds in
 fp32. Prints the feature, its keywords, keyword rate / feature activation / distinct-token share default vs
 steered with standard errors, the one-sided Fisher exact p-value of the keyword rise, a bootstrap 95%
 interval of the activation difference, and example texts.
@@ -27,11 +27,12 @@ def _measure_one(lm, sae_folder, stats, feature, cfg):
     from monoscope.interpret.autointerp import StatsReader
     from monoscope.interpret.steer import steering_effect
     from monoscope.pipeline import (KEYWORD_MAX_SHARE, STEER_PROMPTS, common_words, feature_keywords,
-                                    steer_samples_per_prompt, steering_value, unsteered_texts)
+                                    special_words, steer_samples_per_prompt, steering_value, unsteered_texts)
     from monoscope.sae.io import load_sae
 
     rec = StatsReader(stats).record(feature)
-    keys = feature_keywords(rec, common_words(unsteered_texts(lm, cfg), KEYWORD_MAX_SHARE))
+    stop = common_words(unsteered_texts(lm, cfg), KEYWORD_MAX_SHARE) | special_words(lm.tokenizer)
+    keys = feature_keywords(rec, stop)
     value = steering_value(rec["max"])
     eff = steering_effect(lm, load_sae(sae_folder), feature, value, list(STEER_PROMPTS),
                           n_samples=steer_samples_per_prompt(cfg), max_new_tokens=cfg.steer_tokens, seed=cfg.seed,

@@ -339,6 +339,13 @@ def common_words(texts: list[str], max_share: float = 0.03) -> set[str]:
     return {w for w, c in df.items() if c > max_share * max(1, len(texts))}
 
 
+def special_words(tokenizer) -> set[str]:
+    """The words inside the tokenizer's special tokens ('<eos>' -> 'eos'): never a concept or a keyword."""
+    from monoscope.interpret.steer import words
+
+    return {w for tok in tokenizer.all_special_tokens for w in words(tok)}
+
+
 def _focus_words(record: dict):
     """How often each word is the token a feature's top examples sit on (a Counter)."""
     from collections import Counter
@@ -445,7 +452,7 @@ def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, 
     from monoscope.interpret.autointerp import read_results
     from monoscope.interpret.stats import load_feature_stats
     from monoscope.interpret.steer import (Intervention, generate_side_by_side, mentions, screen_features,
-                                           steering_effect, words)
+                                           steering_effect)
     from monoscope.models import screening_copy
     from monoscope.sae.io import load_sae
 
@@ -454,7 +461,7 @@ def _steering_demo(lm, sae_folder: str, stats_folder: str, explained_path: str, 
     prompts = list(STEER_PROMPTS)
     n_per = steer_samples_per_prompt(cfg)
     plain = unsteered_texts(lm, cfg)
-    special = {w for tok in lm.tokenizer.all_special_tokens for w in words(tok)}  # '<eos>' is not the word 'eos'
+    special = special_words(lm.tokenizer)
     frequent = common_words(plain, KEYWORD_MAX_SHARE)
     found = concept_candidates(stats_folder, common_words(plain) | special, frequent=frequent | special,
                                n=cfg.steer_candidates)
