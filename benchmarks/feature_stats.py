@@ -20,7 +20,6 @@ to a temporary folder with StoreWriter; without --sae a random TopK SAE is built
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -31,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monoscope.interpret.stats import compute_feature_stats, hist_edges
+from monoscope.interpret.accumulate import hist_edges
+from monoscope.interpret.feature_stats import FeatureStats
+from monoscope.interpret.stats import StatsConfig, compute_feature_stats
 from monoscope.sae import SAEConfig, build_sae
 from monoscope.sae.io import load_sae
 from monoscope.store import ActivationStore, StoreWriter
@@ -125,11 +126,10 @@ def main() -> None:
         for _ in range(args.repeats):
             t_encs.append(encode_only(store, sae, hook, args.batch_size))
             t = time.perf_counter()
-            out = compute_feature_stats(store.folder, tmp / "stats", sae=sae, batch_size=args.batch_size,
-                                        force=True)
+            out = compute_feature_stats(store.folder, tmp / "stats", StatsConfig(batch_size=args.batch_size),
+                                        sae=sae, force=True)
             t_ourss.append(time.perf_counter() - t)
-            side = json.loads((out / "stats.json").read_text())
-            for k, v in side["timings"].items():
+            for k, v in FeatureStats(out).sidecar["timings"].items():
                 parts.setdefault(k, []).append(v)
         t_enc, t_ours = float(np.median(t_encs)), float(np.median(t_ourss))
         reps = f"median of {args.repeats}: " if args.repeats > 1 else ""

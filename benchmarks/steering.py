@@ -4,7 +4,7 @@
 
 RUN_FOLDER is a finished `monoscope run` (its SAE under saes/saes/ and feature statistics under
 stats/features). The script runs the same choice and measurement as the pipeline's steer stage
-(monoscope.pipeline._steering_demo): common words from unsteered text, concept candidates from the
+(monoscope.interpret.steering_demo.find_steering_feature): common words from unsteered text, concept candidates from the
 feature statistics, a three-round screen (bfloat16 where native), then `steering_effect` on fresh seeds in
 fp32. Prints the feature, its keywords, keyword rate / feature activation / distinct-token share default vs
 steered with standard errors, the one-sided Fisher exact p-value of the keyword rise, a bootstrap 95%
@@ -12,35 +12,15 @@ interval of the activation difference, and example texts.
 """
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from monoscope.interpret.steering_demo import DemoConfig, candidate_of, find_steering_feature, measure_feature
 from monoscope.models import load_model
-from monoscope.pipeline import RunConfig, _pick_main_sae, _steering_demo
-
-
-def _measure_one(lm, sae_folder, stats, feature, cfg):
-    """The demo's measurement for a given feature: same prompts, seeds, keywords rule and clamp value."""
-    from monoscope.interpret.autointerp import StatsReader
-    from monoscope.interpret.steer import steering_effect
-    from monoscope.pipeline import (KEYWORD_MAX_SHARE, STEER_PROMPTS, common_words, feature_keywords,
-                                    special_words, steer_samples_per_prompt, steering_value, unsteered_texts)
-    from monoscope.sae.io import load_sae
-
-    rec = StatsReader(stats).record(feature)
-    stop = common_words(unsteered_texts(lm, cfg), KEYWORD_MAX_SHARE) | special_words(lm.tokenizer)
-    keys = feature_keywords(rec, stop)
-    value = steering_value(rec["max"])
-    eff = steering_effect(lm, load_sae(sae_folder), feature, value, list(STEER_PROMPTS),
-                          n_samples=steer_samples_per_prompt(cfg), max_new_tokens=cfg.steer_tokens, seed=cfg.seed,
-                          keywords=keys)
-    texts = {arm: eff[arm].pop("texts") for arm in ("default", "steered")}
-    return {"feature": feature, "value": value, "keywords": keys, "density": rec["density"], "effect": eff,
-            "texts": texts, "explanation": "given with --feature",
-            "screen": {"candidates": 0, "keyword_rate": float("nan"), "distinct_tokens": float("nan")}}
+from monoscope.sae.io import load_sae
+from monoscope.stages import Run
 
 
 def main():
@@ -55,24 +35,25 @@ def main():
     ap.add_argument("--out", default=None, help="where to write the full result (JSON)")
     ns = ap.parse_args()
     torch.set_num_threads(ns.threads)
-    run = Path(ns.run)
-    cfg = RunConfig(**{k: v for k, v in json.loads((run / "run_config.json").read_text()).items()
-                       if k in RunConfig.__dataclass_fields__})
-    cfg.steer_samples, cfg.steer_tokens, cfg.seed = ns.samples, ns.tokens, ns.seed
-    table = json.loads((run / "saes" / "stage.json").read_text())["result"]["table"]
-    sae = str(run / "saes" / _pick_main_sae(table))
-    lm = load_model(cfg.model, device=cfg.device)
+    run = Run(ns.run)
+    settings = json.loads((run.out / "run_config.json").read_text())
+    cfg = DemoConfig(samples=ns.samples, tokens=ns.tokens, candidates=settings.get("steer_candidates", 1024),
+                     seed=ns.seed)
+    sae_folder, stats = run.finished("saes")["main"], run.finished("stats")["features"]
+    lm = load_model(settings["model"], device=settings.get("device", "cpu"))
+    sae = load_sae(sae_folder)
     started = time.perf_counter()
-    stats = str(run / "stats" / "features")
     if ns.feature is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            res = _steering_demo(lm, sae, stats, str(run / "explain" / "features.jsonl"), cfg, Path(tmp))
+        demo = find_steering_feature(lm, sae, stats, cfg)
     else:
-        res = _measure_one(lm, sae, stats, ns.feature, cfg)
+        demo = measure_feature(lm, sae, candidate_of(lm, stats, ns.feature, cfg), cfg, "given with --feature")
+    res = demo.to_dict()
+    sae = sae_folder
     eff = res["effect"]
     print(f"SAE {sae}\nfeature {res['feature']}: {res['explanation']}  (density {res['density']:.4f})")
-    print(f"keywords {res['keywords']}\nclamp value {res['value']:.1f}; screen over {res['screen']['candidates']} "
-          f"candidates: keyword rate {res['screen']['keyword_rate']:.2f}, distinct {res['screen']['distinct_tokens']:.2f}")
+    screen = res["screen"] or {"candidates": 0, "keyword_rate": float("nan"), "distinct_tokens": float("nan")}
+    print(f"keywords {res['keywords']}\nclamp value {res['value']:.1f}; screen over {screen['candidates']} "
+          f"candidates: keyword rate {screen['keyword_rate']:.2f}, distinct {screen['distinct_tokens']:.2f}")
     print(f"{'':10}{'keyword rate':>22}{'feature activation':>24}{'distinct tokens':>20}")
     for arm in ("default", "steered"):
         k, a, d = eff[arm]["keyword_rate"], eff[arm]["mean_activation"], eff[arm]["distinct_tokens"]

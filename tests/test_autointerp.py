@@ -13,7 +13,7 @@ import pytest
 from monoscope.errors import MonoscopeError
 from monoscope.interpret.autointerp import (
     Example, ExplainConfig, Explanation, FeatureExamples, explain, explain_features, fuzz_examples,
-    parse_explanation, parse_selection, parse_simulation, pearson, read_results, render, score_detection,
+    not_ok, parse_explanation, parse_selection, parse_simulation, pearson, read_results, render, score_detection,
     score_fuzzing, score_simulation)
 from monoscope.interpret.backends import (
     BackendError, CachedBackend, CallableBackend, HFBackend, OpenAIBackend, make_backend)
@@ -171,11 +171,11 @@ def test_openai_gives_up_and_records_failures():
 
 @pytest.mark.parametrize("payload", [b"<html>not json</html>", b'{"error": "oops"}', b'{"choices": []}',
                                      b'{"choices": [{"message": {"content": null}}]}'])
-def test_openai_garbage_is_a_recorded_failure(payload):
+def test_openai_garbage_is_retried_then_a_recorded_failure(payload):
     with FakeServer(lambda n, body: (200, payload, 0)) as srv:
         results = client(srv.url).complete_batch(["a", "b"])
         assert all(isinstance(r, BackendError) for r in results)
-        assert srv.count == 2  # not retried
+        assert srv.count == 2 * 4  # malformed answers are retried: one try + max_retries=3 each
 
 
 def test_openai_batch_is_concurrent_and_keeps_order():
@@ -363,15 +363,19 @@ def test_explain_features_resumes_and_records_failures(tmp_path):
     n_calls = len(calls)
     with open(out, "a") as fh:  # an interrupted write leaves a torn line
         fh.write('{"feature": 3, "stat')
-    recs = explain_features(feats, [0, 1, 2, 3, 99], backend, out, ExplainConfig(seed=1), progress=False)
-    assert [r["feature"] for r in recs] == [0, 1, 2, 3, 99]
+    before = out.read_text()
+    with pytest.raises(MonoscopeError, match=r"\[99\] out of range"):
+        explain_features(feats, [0, 1, 2, 3, 99], backend, out, ExplainConfig(seed=1), progress=False)
+    assert out.read_text() == before and len(calls) == n_calls  # checked before any request or write
+    recs = explain_features(feats, [0, 1, 2, 3], backend, out, ExplainConfig(seed=1), progress=False)
+    assert [r["feature"] for r in recs] == [0, 1, 2, 3]
     assert recs[2]["status"] == "failed" and "dead" in recs[2]["failure"]
     assert recs[3]["status"] == "partial" and "non-activating" in recs[3]["detection"]["failure"]
-    assert recs[4]["status"] == "failed" and "no examples for feature 99" in recs[4]["failure"]
+    assert [r["feature"] for r in not_ok(recs)] == [2, 3]
     assert not any("feature 0" in c for c in calls[n_calls:])
     lines = out.read_text().splitlines()
-    assert len(lines) == 5 and all(json.loads(ln) for ln in lines)
-    assert set(read_results(out)) == {0, 1, 2, 3, 99}
+    assert len(lines) == 4 and all(json.loads(ln) for ln in lines)
+    assert set(read_results(out)) == {0, 1, 2, 3}
     n_calls = len(calls)
     explain_features(feats, [0, 1, 2, 3], backend, out, ExplainConfig(seed=1), progress=False)
     assert len(calls) == n_calls  # everything was done
@@ -418,7 +422,7 @@ def test_hf_backend_on_tiny_random_model(tmp_path):
 def _stats_folder(root):
     import torch
 
-    from monoscope.interpret.stats import compute_feature_stats
+    from monoscope.interpret.stats import StatsConfig, compute_feature_stats
     from monoscope.sae import SAEConfig, build_sae
     from synthetic import random_store
 
@@ -426,29 +430,30 @@ def _stats_folder(root):
     random_store(root / "store", hook, d=16, ctx_len=12)
     torch.manual_seed(0)
     sae = build_sae(SAEConfig("topk", d_in=16, d_sae=24, k=4, hook_name=hook, model_name="tiny-llama"))
-    return compute_feature_stats(root / "store", root / "stats", sae=sae, top_k=6, n_intervals=3, per_interval=2,
-                                 batch_size=128, context_window=(4, 2), show_progress=False)
+    cfg = StatsConfig(top_k=6, n_intervals=3, per_interval=2, batch_size=128, context_window=(4, 2))
+    return compute_feature_stats(root / "store", root / "stats", cfg, sae=sae, show_progress=False)
 
 
 def test_stats_adapter_and_cli(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from monoscope.interpret.autointerp import StatsReader, examples_from_stats, setup_explain, top_features
+    from monoscope.interpret.autointerp import setup_explain
+    from monoscope.interpret.feature_stats import FeatureStats
 
     stats = _stats_folder(tmp_path)
-    reader = StatsReader(stats)
-    live = top_features(stats, 3)
+    reader = FeatureStats(stats)
+    live = reader.top_features(3)
     assert len(live) == 3
-    fx = examples_from_stats(reader, live[0], n_negatives=5)
+    fx = reader.examples(live[0], n_negatives=5)
     assert fx.feature == live[0] and len(fx.top) == 6 and fx.intervals and len(fx.negatives) == 5
     assert all(len(e.tokens) == len(e.acts) and e.max_act > 0 for e in fx.top)
     assert all(e.max_act == 0 for e in fx.negatives)
     own = {json.dumps(e.tokens) for e in fx.top}
     assert not any(json.dumps(e.tokens) in own for e in fx.negatives)
     with pytest.raises(MonoscopeError, match="out of range"):
-        examples_from_stats(stats, 10_000)
-    with pytest.raises(MonoscopeError, match="no feature contexts"):
-        StatsReader(tmp_path)
+        reader.examples(10_000)
+    with pytest.raises(MonoscopeError, match="no feature statistics"):
+        FeatureStats(tmp_path)
 
     def script(n, body):
         prompt = body["messages"][0]["content"]

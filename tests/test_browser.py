@@ -67,9 +67,10 @@ RULES = [  # (explanation, activation of a token given the previous token)
 
 def make_fake_stats(folder: Path, kind: str = "sae_latents", with_explanations: bool = True) -> Path:
     """A feature-statistics artifact in the exact layout of monoscope.interpret.stats, from rule features."""
-    from safetensors.numpy import save_file
+    import torch
 
-    from monoscope.interpret.stats import hist_edges
+    from monoscope.interpret.accumulate import hist_edges
+    from monoscope.interpret.feature_stats import FeatureStats
 
     folder.mkdir(parents=True)
     contexts = [_tokens(s) for s in SENTENCES]
@@ -112,7 +113,6 @@ def make_fake_stats(folder: Path, kind: str = "sae_latents", with_explanations: 
                              "neg": [[IMG, -1.1], [" the", -0.4]]}
         lines.append(json.dumps(rec))
         top_rows.append(order)
-    (folder / "contexts.jsonl").write_text("\n".join(lines) + "\n")
     hist = np.zeros((F, len(edges) - 1), np.int64)
     for f in range(F):
         v = acts[:, f][acts[:, f] > 0]
@@ -139,11 +139,18 @@ def make_fake_stats(folder: Path, kind: str = "sae_latents", with_explanations: 
         arrays["neighbours_cos"][:, 0] = 0.42
         arrays["corr_neurons"] = np.tile(np.array([[5, 17, 3]], np.int64), (F, 1))
         arrays["corr_neurons_r"] = np.tile(np.array([[0.6, 0.3, 0.1]], np.float32), (F, 1))
-    save_file(arrays, str(folder / "features.safetensors"))
-    (folder / "stats.json").write_text(json.dumps({
-        "format": "monoscope.feature_stats", "version": 1, "n_features": F, "kind": kind,
-        "hook": "layers.1.resid_post", "config": {"correlate_with_neurons": "layers.1.mlp_neurons"},
-        "store": {"model": "tiny-llama", "num_rows": len(rows)}, "sae": None, "model": None}))
+    top = np.full((F, 6), -1, np.int64)
+    for f, order in enumerate(top_rows):
+        top[f, :len(order)] = order
+    arrays["top_rows"] = top
+    arrays["top_values"] = np.where(top >= 0, np.take_along_axis(acts.T, np.maximum(top, 0), 1), 0).astype(np.float32)
+    arrays["interval_rows"] = np.full((F, 4, 3), -1, np.int64)
+    arrays["interval_values"] = np.zeros((F, 4, 3), np.float32)
+    arrays["interval_edges"] = (acts.max(0)[:, None] * np.arange(5)[None, :] / 4).astype(np.float32)
+    FeatureStats.write(folder, {
+        "kind": kind, "hook": "layers.1.resid_post", "config": {"correlate_with_neurons": "layers.1.mlp_neurons"},
+        "store": {"model": "tiny-llama", "num_rows": len(rows)}, "sae": None, "model": None},
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, [line + "\n" for line in lines])
     if with_explanations:
         recs = []
         for f, (text, _) in enumerate(RULES):
@@ -244,7 +251,7 @@ def test_real_stats_artifact(tmp_path):
     """The browser reads what monoscope.interpret.stats really writes."""
     import torch
 
-    from monoscope.interpret.stats import compute_feature_stats
+    from monoscope.interpret.stats import StatsConfig, compute_feature_stats
     from monoscope.models import tiny_model
     from monoscope.sae import SAEConfig, build_sae
     from synthetic import random_store
@@ -253,8 +260,8 @@ def test_real_stats_artifact(tmp_path):
     random_store(tmp_path / "store", hook, d=32, ctx_len=15)
     torch.manual_seed(0)
     sae = build_sae(SAEConfig("topk", d_in=32, d_sae=24, k=4, hook_name=hook, model_name="tiny-llama"))
-    stats = compute_feature_stats(tmp_path / "store", tmp_path / "stats", sae=sae, lm=tiny_model("llama"),
-                                  top_k=5, n_intervals=3, per_interval=2, batch_size=256, n_correlated=3,
+    cfg = StatsConfig(top_k=5, n_intervals=3, per_interval=2, batch_size=256, n_correlated=3)
+    stats = compute_feature_stats(tmp_path / "store", tmp_path / "stats", cfg, sae=sae, lm=tiny_model("llama"),
                                   show_progress=False)
     art = StatsArtifact(stats)
     assert art.kind == "features" and art.model == "tiny-llama" and art.n == 24

@@ -173,3 +173,77 @@ def test_sweep_trains_evaluates_plots_and_reuses(lm_store, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in (out / "saes").glob("*/*.json")}
     run_sweep(cfg, store, store, out, lm=lm, show_progress=False)
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "saes").glob("*/*.json")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One SAE compatibility check (check_sae_fits) for evaluate and probe
+
+def test_evaluate_uses_the_shared_compatibility_check(lm_store):
+    _, store = lm_store
+    sae = signed_identity_sae(32, model="tiny-llama")
+    with pytest.raises(MonoscopeError, match="trained on hook 'layers.1.resid_post', not 'layers.0.mlp_out'"):
+        evaluate_sae(sae, store, hook="layers.0.mlp_out", lm_contexts=0)
+    unnamed = signed_identity_sae(32, hook="", model="tiny-llama")
+    with pytest.raises(MonoscopeError, match="hook 'layers.2.mlp_out' is not in the store, which holds"):
+        evaluate_sae(unnamed, store, hook="layers.2.mlp_out", lm_contexts=0)
+    assert evaluate_sae(unnamed, store, lm_contexts=0, max_tokens=50)["hook"] == HOOK
+
+
+@pytest.mark.parametrize("hook, d, model, match", [
+    (HOOK, 32, "gpt2", "trained on model 'gpt2' but the activations come from 'tiny-llama'"),
+    ("layers.1.mlp_neurons", 32, "tiny-llama", "expects d_in=32 but hook 'layers.1.mlp_neurons' in model "
+                                               "'tiny-llama' has width 64"),
+    ("layers.9.resid_post", 32, "tiny-llama", "unknown hook 'layers.9.resid_post'"),
+])
+def test_probe_refuses_an_sae_that_does_not_fit_the_model(lm_store, tmp_path, capsys, hook, d, model, match):
+    from monoscope.cli import main
+    from monoscope.probing.run import ProbeConfig, run_probing
+    from monoscope.sae.io import save_sae
+
+    lm, _ = lm_store
+    folder = save_sae(signed_identity_sae(d, hook=hook, model=model), tmp_path / "sae")
+    with pytest.raises(MonoscopeError, match=match):
+        run_probing(ProbeConfig(model="tiny-llama", source=f"sae:{folder}"), tmp_path / "out", lm=lm)
+    assert main(["probe", "--model", "tiny-llama", "--source", f"sae:{folder}", "--out", str(tmp_path / "out")]) == 2
+    assert match.split("'")[0] in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Non-finite data or weights: refused, and nothing is written
+
+def test_nan_store_fails_and_keeps_the_good_eval_json(tmp_path, capsys):
+    from monoscope.cli import main
+    from monoscope.sae.io import save_sae
+
+    x = np.random.default_rng(2).standard_normal((200, 4))
+    folder = save_sae(signed_identity_sae(4, 0.5), tmp_path / "sae")
+    evaluate_sae(folder, make_store(tmp_path / "good", x), lm_contexts=0)
+    good = (folder / "eval.json").read_bytes()
+    before = sorted(p.name for p in folder.iterdir())
+    x[137, 2] = np.nan
+    bad = make_store(tmp_path / "bad", x)
+    assert main(["evaluate", str(folder), "--store", str(bad), "--lm-contexts", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "NaN/inf" in err and "global row 137" in err and "Traceback" not in err
+    assert (folder / "eval.json").read_bytes() == good
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_non_finite_metrics_are_never_written(tmp_path):
+    from monoscope.evaluate import format_metrics
+
+    x = np.random.default_rng(3).standard_normal((100, 4))
+    store = make_store(tmp_path / "s", x)
+    broken = signed_identity_sae(4)
+    with torch.no_grad():
+        broken.W_dec[0, 0] = float("inf")
+    with pytest.raises(MonoscopeError, match="non-finite mse.*nothing was written"):
+        evaluate_sae(broken, store, lm_contexts=0, out=tmp_path / "broken.json")
+    assert not (tmp_path / "broken.json").exists()
+    # an all-zero reconstruction leaves relative_reconstruction_bias undefined (0/0): saved as null, not NaN
+    m = evaluate_sae(signed_identity_sae(4, 0.0), store, lm_contexts=0, out=tmp_path / "zero.json")
+    assert m["relative_reconstruction_bias"] is None
+    saved = json.loads((tmp_path / "zero.json").read_text(), parse_constant=lambda c: pytest.fail(f"wrote {c}"))
+    assert saved["relative_reconstruction_bias"] is None
+    assert "relative_reconstruction_bias" in format_metrics(m) and "undefined" in format_metrics(m)

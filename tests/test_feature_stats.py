@@ -6,13 +6,26 @@ import pytest
 import torch
 
 from monoscope.errors import MonoscopeError
-from monoscope.interpret.stats import compute_feature_stats, hist_edges, load_feature_stats
+from monoscope.interpret.accumulate import hist_edges
+from monoscope.interpret.feature_stats import FeatureStats
+from monoscope.interpret.stats import StatsConfig, compute_feature_stats
 from monoscope.models import tiny_model
 from monoscope.sae import SAEConfig, build_sae
 from monoscope.store import ActivationStore, StoreWriter
 
 HOOK, NEURONS = "layers.1.resid_post", "layers.1.mlp_neurons"
 CTX = 15  # stored rows per context (BOS dropped)
+
+
+def run_stats(store, out, *, sae=None, lm=None, hook=None, **cfg):
+    """compute_feature_stats with the StatsConfig fields as keywords."""
+    return compute_feature_stats(store, out, StatsConfig(**cfg), sae=sae, lm=lm, hook=hook)
+
+
+def read_stats(out):
+    """(sidecar, arrays) of a finished artifact."""
+    stats = FeatureStats(out)
+    return stats.sidecar, stats.arrays
 
 
 def make_store(folder, n_contexts=120, seed=0):
@@ -44,10 +57,10 @@ def setup(tmp_path_factory):
     store = make_store(root / "store")
     sae = make_sae()
     lm = tiny_model("llama")
-    out = compute_feature_stats(root / "store", root / "out", sae=sae, lm=lm, top_k=7, n_intervals=4,
+    out = run_stats(root / "store", root / "out", sae=sae, lm=lm, top_k=7, n_intervals=4,
                                 per_interval=3, batch_size=256, n_correlated=3, correlate_with_neurons=NEURONS,
                                 context_window=(5, 2))
-    side, arrays = load_feature_stats(out)
+    side, arrays = read_stats(out)
     with torch.no_grad():
         F = sae.encode(store.rows(np.arange(store.num_rows), hook=HOOK))
     return dict(root=root, store=store, sae=sae, lm=lm, out=out, side=side, a=arrays, F=F)
@@ -119,9 +132,9 @@ def test_intervals_survive_many_grid_doublings(tmp_path):
     x[:, 2] = -1.0  # never fires
     w.append({"h": x}, torch.zeros(n), torch.zeros(n), torch.arange(n), torch.arange(n) // 50)
     w.finish()
-    out = compute_feature_stats(tmp_path / "s", tmp_path / "o", hook="h", batch_size=100, n_intervals=5,
+    out = run_stats(tmp_path / "s", tmp_path / "o", hook="h", batch_size=100, n_intervals=5,
                                 per_interval=4, n_correlated=0)
-    _, a = load_feature_stats(out)
+    _, a = read_stats(out)
     for i in range(2):
         for j in range(5):
             lo, hi = a["interval_edges"][i, j].item(), a["interval_edges"][i, j + 1].item()
@@ -210,16 +223,16 @@ def test_contexts_jsonl(setup):
 def test_relu_sae_and_raw_units(tmp_path, setup):
     root = setup["root"]
     sae = make_sae("relu", seed=3)
-    out = compute_feature_stats(root / "store", tmp_path / "relu", sae=sae, top_k=5, batch_size=300,
+    out = run_stats(root / "store", tmp_path / "relu", sae=sae, top_k=5, batch_size=300,
                                 n_correlated=2)
-    _, a = load_feature_stats(out)
+    _, a = read_stats(out)
     F = sae.encode(setup["store"].rows(np.arange(setup["store"].num_rows), hook=HOOK)).detach()
     assert torch.equal(a["count"], (F > 0).sum(0))
     i = int(torch.argmax(a["count"]))
     assert torch.equal(a["top_rows"][i], torch.sort(F[:, i], descending=True).indices[:5])
     # raw units of the neuron hook: no SAE, features are the stored values themselves
-    out = compute_feature_stats(root / "store", tmp_path / "raw", hook=NEURONS, top_k=4, batch_size=500)
-    _, a = load_feature_stats(out)
+    out = run_stats(root / "store", tmp_path / "raw", hook=NEURONS, top_k=4, batch_size=500)
+    _, a = read_stats(out)
     X = setup["store"].rows(np.arange(setup["store"].num_rows), hook=NEURONS)
     assert a["count"].shape == (64,) and torch.equal(a["count"], (X > 0).sum(0))
     assert torch.equal(a["top_rows"], torch.topk(X, 4, dim=0).indices.T)
@@ -230,7 +243,7 @@ def test_relu_sae_and_raw_units(tmp_path, setup):
 
 def test_reuses_finished_artifact(setup):
     before = (setup["out"] / "stats.json").stat().st_mtime_ns
-    compute_feature_stats(setup["root"] / "store", setup["out"], sae=setup["sae"], lm=setup["lm"], top_k=7,
+    run_stats(setup["root"] / "store", setup["out"], sae=setup["sae"], lm=setup["lm"], top_k=7,
                           n_intervals=4, per_interval=3, batch_size=256, n_correlated=3,
                           correlate_with_neurons=NEURONS, context_window=(5, 2))
     assert (setup["out"] / "stats.json").stat().st_mtime_ns == before
@@ -240,19 +253,19 @@ def test_errors(setup, tmp_path):
     root = setup["root"]
     other_hook = build_sae(SAEConfig("topk", d_in=32, d_sae=8, k=2, hook_name="layers.0.resid_post"))
     with pytest.raises(MonoscopeError, match="hook"):
-        compute_feature_stats(root / "store", tmp_path / "x", sae=other_hook)
+        run_stats(root / "store", tmp_path / "x", sae=other_hook)
     other_model = build_sae(SAEConfig("topk", d_in=32, d_sae=8, k=2, hook_name=HOOK, model_name="gpt2"))
     with pytest.raises(MonoscopeError, match="model"):
-        compute_feature_stats(root / "store", tmp_path / "x", sae=other_model)
+        run_stats(root / "store", tmp_path / "x", sae=other_model)
     wide = build_sae(SAEConfig("topk", d_in=16, d_sae=8, k=2, hook_name=HOOK))
     with pytest.raises(MonoscopeError, match="d_in"):
-        compute_feature_stats(root / "store", tmp_path / "x", sae=wide)
+        run_stats(root / "store", tmp_path / "x", sae=wide)
     with pytest.raises(MonoscopeError, match="top_k"):
-        compute_feature_stats(root / "store", tmp_path / "x", sae=setup["sae"], top_k=0)
+        run_stats(root / "store", tmp_path / "x", sae=setup["sae"], top_k=0)
     with pytest.raises(MonoscopeError, match="no hook"):
-        compute_feature_stats(root / "store", tmp_path / "x", sae=setup["sae"], correlate_with_neurons="nope")
+        run_stats(root / "store", tmp_path / "x", sae=setup["sae"], correlate_with_neurons="nope")
     with pytest.raises(MonoscopeError, match="does not exist"):
-        compute_feature_stats(tmp_path / "missing", tmp_path / "x", sae=setup["sae"])
+        run_stats(tmp_path / "missing", tmp_path / "x", sae=setup["sae"])
 
 
 def test_top_k_ties_and_dense_codes(tmp_path):
@@ -266,9 +279,9 @@ def test_top_k_ties_and_dense_codes(tmp_path):
     w.append({"h": x}, torch.zeros(n), torch.zeros(n), torch.arange(n), torch.arange(n) // 40)
     w.finish()
     threads = torch.get_num_threads()
-    out = compute_feature_stats(tmp_path / "s", tmp_path / "o", hook="h", top_k=9, batch_size=100, n_correlated=3)
+    out = run_stats(tmp_path / "s", tmp_path / "o", hook="h", top_k=9, batch_size=100, n_correlated=3)
     assert torch.get_num_threads() == threads
-    _, a = load_feature_stats(out)
+    _, a = read_stats(out)
     want = torch.sort(x, dim=0, descending=True, stable=True)
     assert torch.equal(a["top_rows"], want.indices[:9].T)
     assert torch.equal(a["top_values"], want.values[:9].T)

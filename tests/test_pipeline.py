@@ -59,7 +59,7 @@ def test_report_sections_filled(tiny_run):
 
 
 def test_steering_demo_measures_a_concept_feature(tiny_run):
-    from monoscope.pipeline import concept_candidates
+    from monoscope.interpret.steering_demo import concept_candidates
 
     steering = json.loads((tiny_run / "steer" / "steering.json").read_text())
     eff = steering["effect"]
@@ -73,7 +73,7 @@ def test_steering_demo_measures_a_concept_feature(tiny_run):
 
 
 def test_common_words_and_keywords():
-    from monoscope.pipeline import common_words, feature_keywords
+    from monoscope.interpret.steering_demo import common_words, feature_keywords
 
     texts = ["the cat sat", "the dog ran", "a Korean poem", "the end"]
     assert common_words(texts, max_share=0.5) == {"the"}
@@ -103,3 +103,44 @@ def test_bad_config_fails_before_work(tmp_path, capsys):
     with pytest.raises(MonoscopeError, match="cannot load model"):
         run_pipeline(RunConfig(model="no-such-model"), tmp_path / "o4")
     assert not (tmp_path / "o2" / "extract").exists()
+
+
+def _rerun(folder, capsys, **changes):
+    """Run ``folder`` again with ``changes`` to its settings; return the stages that ran."""
+    cfg = load_run_config(folder / "run.toml", **changes)
+    run_pipeline(cfg, folder)
+    log = capsys.readouterr().out
+    return [s for s in ("extract", "saes", "probe", "stats", "explain", "steer", "report") if f"{s}: running" in log]
+
+
+def test_changes_rerun_exactly_downstream(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    capsys.readouterr()
+    assert _rerun(run, capsys, probe_ks=[1, 2]) == ["probe", "report"]
+    assert _rerun(run, capsys, probe_ks=[1, 2], d_sae=64) == ["saes", "probe", "stats", "explain", "steer", "report"]
+    stats = json.loads((run / "stats" / "features" / "stats.json").read_text())
+    assert stats["n_features"] == 64
+    explained = [json.loads(line) for line in (run / "explain" / "features.jsonl").read_text().splitlines()]
+    assert explained and all(r["feature"] < 64 for r in explained)
+    assert json.loads((run / "steer" / "steering.json").read_text())["feature"] < 64
+    assert len(list((run / "browser" / "features").glob("*.html"))) == 64
+    assert _rerun(run, capsys, probe_ks=[1, 2], d_sae=64) == []
+
+
+def test_copied_run_folder_uses_its_own_files(tiny_run, tmp_path, capsys):
+    import shutil
+
+    copy, moved = tmp_path / "copy", tmp_path / "moved"
+    shutil.copytree(tiny_run, copy)
+    capsys.readouterr()
+    assert _rerun(copy, capsys) == []
+    for marker in copy.glob("*/stage.json"):
+        assert str(tiny_run) not in marker.read_text(), marker
+    shutil.move(copy, moved)
+    (moved / "stats" / "features" / "contexts.jsonl").unlink()  # a damaged stage runs again, and only those after
+    ran = _rerun(moved, capsys)
+    assert ran[0] == "stats" and not {"extract", "saes", "probe"} & set(ran)
+    assert (moved / "stats" / "features" / "contexts.jsonl").exists()

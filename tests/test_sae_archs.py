@@ -340,3 +340,78 @@ def test_jumprelu_threshold_init_hits_target_l0():
     l0 = sae.training_forward(x).l0.item()
     assert abs(l0 - 12) < 1.0
     assert sae.threshold.dtype == torch.float32 and (sae.threshold > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry: each architecture declares what io, sweep, train and feature statistics ask of it
+
+def test_every_architecture_declares_itself():
+    from monoscope.sweep import KNOB_VALUES
+
+    assert ARCHITECTURES == tuple(REGISTRY)
+    saelens = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
+               "gated": "gated", "jumprelu": "jumprelu"}
+    for name, cls in REGISTRY.items():
+        assert cls.architecture == name and cls.saelens_architecture == saelens[name]
+        assert cls.sweep_knobs and set(cls.sweep_knobs) <= set(KNOB_VALUES), name
+    assert [n for n, c in REGISTRY.items() if c.has_sparse_encode] == ["topk"]
+    # each class owns the defaults of the settings it reads; settings it does not read stay unset
+    relu, top, jr = (SAEConfig(a, d_in=D, d_sae=M) for a in ("relu", "topk", "jumprelu"))
+    assert (relu.l1_coefficient, relu.k, relu.l0_coefficient) == (5.0, None, None)
+    assert (top.k, top.aux_coefficient, top.l1_coefficient) == (32, 1 / 32, None)
+    assert (jr.l0_coefficient, jr.jumprelu_bandwidth, jr.k) == (1.0, 0.001, None)
+    assert SAEConfig("relu", d_in=D, d_sae=M, l1_coefficient=2.0).l1_coefficient == 2.0
+    sae = make("topk")
+    vals, idx = sae.encode_sparse(data())
+    assert vals.shape == idx.shape == (40, K)
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_negative_l1_coefficient_is_refused(arch):
+    with pytest.raises(MonoscopeError, match="l1_coefficient must be a finite number ≥ 0, got -1.0"):
+        build_sae(SAEConfig(arch, d_in=D, d_sae=M, l1_coefficient=-1.0))
+    with pytest.raises(MonoscopeError, match="l1_coefficient"):
+        build_sae(SAEConfig(arch, d_in=D, d_sae=M, l1_coefficient=float("nan")))
+    build_sae(SAEConfig(arch, d_in=D, d_sae=M, l1_coefficient=0.0))
+
+
+def test_architecture_specific_checks_belong_to_the_class():
+    with pytest.raises(MonoscopeError, match="l0_coefficient"):
+        build_sae(SAEConfig("jumprelu", d_in=D, d_sae=M, l0_coefficient=-2.0))
+    with pytest.raises(MonoscopeError, match="jumprelu_bandwidth"):
+        build_sae(SAEConfig("jumprelu", d_in=D, d_sae=M, jumprelu_bandwidth=0.0))
+    with pytest.raises(MonoscopeError, match="batchtopk_threshold_rate"):
+        build_sae(SAEConfig("batchtopk", d_in=D, d_sae=M, k=K, batchtopk_threshold_rate=2.0))
+    # settings an architecture does not read are not its business
+    build_sae(SAEConfig("relu", d_in=D, d_sae=M, k=10_000))
+    build_sae(SAEConfig("topk", d_in=D, d_sae=M, k=K, l1_coefficient=-1.0))
+
+
+def test_a_new_architecture_is_one_class_and_one_registration(tmp_path):
+    """A throwaway architecture registered here is built, validated, saved, loaded and swept like the rest."""
+    from monoscope.sae import load_sae, save_sae
+    from monoscope.sae.base import register
+    from monoscope.sae.relu import ReLUSAE
+    from monoscope.sweep import SweepConfig, sweep_knob
+
+    try:
+        @register("relu_twin")
+        class TwinSAE(ReLUSAE):
+            saelens_exact = False  # plain SAELens "standard" folders still load as relu
+
+            @classmethod
+            def check_config(cls, cfg):
+                super().check_config(cfg)
+                if cfg.d_sae % 2:
+                    raise MonoscopeError("relu_twin needs an even d_sae")
+
+        with pytest.raises(MonoscopeError, match="even d_sae"):
+            build_sae(SAEConfig("relu_twin", d_in=D, d_sae=M + 1))
+        sae = build_sae(SAEConfig("relu_twin", d_in=D, d_sae=M, l1_coefficient=2.0))
+        back = load_sae(save_sae(sae, tmp_path / "twin"))
+        assert type(back) is TwinSAE and back.cfg == sae.cfg
+        assert sweep_knob(SweepConfig(architectures=("relu_twin",)), "relu_twin") == "l1_coefficient"
+        with pytest.raises(TypeError, match="registered twice"):
+            register("relu_twin")(TwinSAE)
+    finally:
+        REGISTRY.pop("relu_twin", None)

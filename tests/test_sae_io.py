@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from monoscope.errors import MonoscopeError
@@ -206,6 +208,80 @@ def test_load_errors(tmp_path):
     (tmp_path / "trunc" / "sae_weights.safetensors").write_bytes(b"\x10\x00\x00")
     with pytest.raises(MonoscopeError, match="safetensors"):
         load_sae(tmp_path / "trunc")
+
+
+def _saved(tmp_path, arch="topk"):
+    folder = save_sae(trained_like(arch), tmp_path / "sae")
+    return folder, json.loads((folder / "cfg.json").read_text())
+
+
+def _one_clear_error(folder: Path, file: str, match: str):
+    """load_sae raises a MonoscopeError (no other exception type) that names ``file`` and matches ``match``."""
+    with pytest.raises(MonoscopeError) as info:
+        load_sae(folder)
+    msg = str(info.value)
+    assert str(folder / file) in msg and "\n" not in msg, msg
+    assert re.search(match, msg), msg
+
+
+@pytest.mark.parametrize("content, match", [
+    ([1, 2, 3], "JSON object.*list"),
+    ("not json", "not valid JSON"),
+    ({"architecture": "standard", "d_in": "12", "d_sae": M}, "'d_in' must be an integer"),
+    ({"architecture": "standard", "d_in": D}, "'d_sae' must be an integer, got None"),
+    ({"architecture": ["topk"], "d_in": D, "d_sae": M}, "not supported"),
+    ({"architecture": "topk", "d_in": D, "d_sae": M, "k": "4"}, "integer 'k'"),
+    ({"architecture": "standard", "d_in": D, "d_sae": -1}, "must be positive"),
+    ({"architecture": "standard", "d_in": D, "d_sae": M, "metadata": [1]}, "'metadata' must be a JSON object"),
+])
+def test_bad_plain_cfg_json_is_one_clear_error(tmp_path, content, match):
+    folder, _ = _saved(tmp_path)
+    text = content if isinstance(content, str) else json.dumps(content)
+    (folder / "cfg.json").write_text(text)
+    _one_clear_error(folder, "cfg.json", match)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c.update(d_sae="48"), "d_sae .*must be an int, got '48'"),
+    (lambda c: c.pop("d_in"), r"lacks \['d_in'\]"),
+    (lambda c: c.update(k="4"), "k .*must be an int, got .4."),
+    (lambda c: c.update(k=1000), "k=1000 must be between 1 and d_sae=48"),
+    (lambda c: c.update(architecture="banana"), "unknown SAE architecture 'banana'"),
+    (lambda c: c.update(nonsense=1), r"unknown key\(s\) \['nonsense'\]"),
+    (lambda c: c.update(l1_coefficient=-1.0, architecture="relu"), "l1_coefficient must be a finite number"),
+])
+def test_bad_monoscope_config_is_one_clear_error(tmp_path, change, match):
+    folder, cfg = _saved(tmp_path)
+    change(cfg["metadata"]["monoscope_config"])
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    _one_clear_error(folder, "cfg.json", match)
+    cfg["metadata"]["monoscope_config"] = "topk"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    _one_clear_error(folder, "cfg.json", "monoscope_config must be a JSON object")
+
+
+def test_truncated_or_wrong_shape_weights_are_one_clear_error(tmp_path):
+    folder, _ = _saved(tmp_path)
+    weights = folder / "sae_weights.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    _one_clear_error(folder, "sae_weights.safetensors", "cannot read .* as safetensors.*is the file complete")
+    weights.write_bytes(b"")
+    _one_clear_error(folder, "sae_weights.safetensors", "cannot read")
+    t = dict(load_bytes(good))
+    t["W_dec"] = t["W_dec"].t().contiguous()
+    save_file(t, str(weights))
+    _one_clear_error(folder, "sae_weights.safetensors", r"W_dec has shape \(12, 48\), expected \(48, 12\)")
+    t["W_dec"] = t["W_enc"].t().contiguous()
+    del t["b_enc"]
+    save_file(t, str(weights))
+    _one_clear_error(folder, "sae_weights.safetensors", r"missing \['b_enc'\]")
+
+
+def test_gemma_scope_2_config_must_be_an_object(tmp_path):
+    save_file({k.replace("W_", "w_"): v for k, v in _gemma_tensors().items()}, str(tmp_path / "params.safetensors"))
+    (tmp_path / "config.json").write_text("[]")
+    _one_clear_error(tmp_path, "config.json", "JSON object")
 
 
 # ---------------------------------------------------------------------------------------------------------

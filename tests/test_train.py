@@ -238,6 +238,18 @@ def test_errors(store, tmp_path):
     assert not (tmp_path / "f" / "train.json").exists()
 
 
+@pytest.mark.parametrize("arch, setting, match", [
+    ("relu", dict(l1_coefficient=-1.0), "l1_coefficient must be a finite number ≥ 0"),
+    ("gated", dict(l1_coefficient=-0.5), "l1_coefficient must be a finite number ≥ 0"),
+    ("jumprelu", dict(target_l0=-3.0), "target_l0 must be > 0"),
+    ("matryoshka", dict(matryoshka_widths=(16, 32)), "matryoshka_widths .* end at d_sae=64"),
+])
+def test_architecture_settings_are_checked_before_any_work(store, tmp_path, arch, setting, match):
+    with pytest.raises(MonoscopeError, match=match):
+        train_sae(small(architecture=arch, **setting), store, tmp_path / arch)
+    assert not (tmp_path / arch).exists()
+
+
 @pytest.mark.parametrize("arch", ["relu", "batchtopk", "jumprelu", "gated", "matryoshka"])
 def test_every_architecture_trains(store, tmp_path, arch):
     out = train_sae(small(architecture=arch, steps=6, log_every=3, matryoshka_widths=(16, 64) if

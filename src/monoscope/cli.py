@@ -90,6 +90,8 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
     from monoscope import __version__
 
     parser.add_argument("--version", action="version", version=f"monoscope {__version__}")
+    parser.add_argument("--verbose", action="store_true", help="also show other libraries' warnings (anywhere on "
+                                                               "the command line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runners = {}
     chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
@@ -100,19 +102,39 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
     return parser, runners
 
 
+def quiet_libraries(verbose: bool = False) -> None:
+    """Keep other libraries' warnings (torch, transformers: deprecations, sparse-tensor notes) out of normal
+    output; ``--verbose`` shows them."""
+    import logging
+    import os
+    import warnings
+
+    if verbose:
+        return
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "accelerate", "gguf", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    quiet_libraries(verbose)
     parser, runners = build_parser(argv)
     ns = parser.parse_args(argv)
     try:
-        runners[ns.command](ns)
+        status = runners[ns.command](ns) or 0
     except MonoscopeError as exc:
         print(f"monoscope {ns.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("monoscope: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
         return 130
-    return 0
+    return status
 
 
 if __name__ == "__main__":

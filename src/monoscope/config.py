@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         helptext = f.metadata.get("help", "")
-        helptext = f"{helptext} (default: {default})" if helptext else f"default: {default}"
+        if "default" not in helptext:  # a help text may already say what its default means
+            helptext = f"{helptext} (default: {default})" if helptext else f"default: {default}"
         origin = typing.get_origin(tp)
         if tp is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
@@ -65,10 +66,7 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values = {k: v for k, v in vars(ns).items() if k in names}
     values.update(overrides)
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in values and isinstance(f.default, tuple) and isinstance(values[f.name], list):
-            values[f.name] = tuple(values[f.name])
-    return cls(**values)
+    return cls(**_typed(cls, values, "the flags"))
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -82,11 +80,43 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise MonoscopeError(f"unknown key(s) {unknown} in {where}; valid keys are: {', '.join(names)}")
-    values = dict(data)
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in values and isinstance(f.default, tuple) and isinstance(values[f.name], list):
-            values[f.name] = tuple(values[f.name])
-    return cls(**values)
+    return cls(**_typed(cls, dict(data), where))
+
+
+def _typed(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` checked against the field types of ``cls`` (ints for int fields, lists for tuple fields...),
+    lists made tuples; a wrong type raises a MonoscopeError naming the key, the value and the type wanted."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, value in values.items():
+        tp = hints[name]
+        optional = type(None) in typing.get_args(tp)
+        tp = _base_type(tp)
+        if value is None and optional:
+            out[name] = None
+            continue
+        if typing.get_origin(tp) in (list, tuple):
+            inner = (typing.get_args(tp) or (str,))[0]
+            if not isinstance(value, (list, tuple)) or not all(_is(v, inner) for v in value):
+                raise MonoscopeError(f"{name} in {where} must be a list of {inner.__name__} values, got {value!r}")
+            out[name] = tuple(float(v) if inner is float else v for v in value)
+        elif tp in (int, float, str, bool):
+            if not _is(value, tp):
+                raise MonoscopeError(f"{name} in {where} must be {'an' if tp is int else 'a'} {tp.__name__}, "
+                                     f"got {value!r}")
+            out[name] = float(value) if tp is float else value
+        else:
+            out[name] = value
+    return out
+
+
+def _is(value: Any, tp: type) -> bool:
+    """``value`` fits ``tp`` (an int is a float too; a bool is no int)."""
+    if isinstance(value, bool):
+        return tp is bool
+    if tp is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, tp)
 
 
 def config_hash(*parts: Any) -> str:

@@ -1,6 +1,6 @@
 """Evaluate an SAE: reconstruction and sparsity on stored activations, and the LM with the SAE spliced in.
 
-Definitions follow REFERENCE.md §2. Reconstruction sums are accumulated in float64 over every eval token
+Reconstruction sums are accumulated in float64 over every eval token
 and combined at the end, so explained variance is 1 − Σ‖x − x̂‖² / Σ‖x − μ‖² with μ the mean over all eval
 tokens (not per batch, not zero). For the spliced-LM numbers the contexts are rebuilt from the store
 (BOS + the stored tokens of each context); the BOS activation is never replaced and the prediction made at
@@ -9,6 +9,7 @@ the BOS position is left out, because it is the same in every run and would only
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from monoscope.artifacts import library_versions, now_iso, write_json
 from monoscope.errors import MonoscopeError
 from monoscope.progress import progress_bar
+from monoscope.sae.compat import check_sae_fits
 
 EVAL_FILE = "eval.json"
 HIST_EDGES = np.arange(-8.0, 0.25, 0.25)  # log10 feature density bins, 1e-8 .. 1
@@ -36,29 +38,25 @@ def _load(sae_or_folder) -> tuple[Any, Path | None]:
     return sae_or_folder, None
 
 
-def _check_match(sae, store, hook: str | None) -> str:
-    """Pick the hook and refuse an SAE that was trained for another model, hook or width."""
-    cfg = sae.cfg
-    sae_hook = getattr(cfg, "hook_name", "") or ""
-    if hook is None:
-        hook = sae_hook if sae_hook in store.hooks else store.hook(None)
-    hook = store.hook(hook)
-    if sae_hook and sae_hook != hook:
-        raise MonoscopeError(f"the SAE reads hook {sae_hook!r} but the evaluation uses {hook!r} "
-                             f"(store hooks: {', '.join(store.hooks)}); evaluate on a store of {sae_hook!r}")
-    if cfg.d_in != store.d(hook):
-        raise MonoscopeError(f"the SAE expects d_in={cfg.d_in} but hook {hook!r} of the store has width "
-                             f"{store.d(hook)}; the SAE was trained on other activations")
-    sae_model = getattr(cfg, "model_name", "") or ""
-    if sae_model and sae_model != store.model:
-        raise MonoscopeError(f"the SAE was trained on model {sae_model!r} but the store holds activations of "
-                             f"{store.model!r}; use a store extracted from {sae_model!r}")
-    return hook
+# Sums and means that are finite whenever the SAE and the activations are; a non-finite one means NaN/inf
+# weights or data, and is refused rather than saved. (Ratios such as ce_loss_recovered may be undefined,
+# 0/0, on degenerate data; those are saved as null.)
+MUST_BE_FINITE = ("mse", "cosine", "norm_ratio", "l0", "l1", "ce_clean", "ce_sae", "ce_zero", "ce_mean",
+                  "kl_sae", "kl_zero", "kl_mean")
+
+
+def _checked(metrics: dict, where: str) -> dict:
+    """``metrics`` with undefined (non-finite) ratios set to None; raise if a sum or mean is non-finite."""
+    bad = [k for k in MUST_BE_FINITE if k in metrics and not math.isfinite(metrics[k])]
+    if bad:
+        raise MonoscopeError(f"evaluating {where} gave non-finite {', '.join(bad)}: the SAE's weights hold "
+                             f"NaN/inf (retrain it); nothing was written")
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
 @torch.no_grad()
 def reconstruction_metrics(sae, batches, d_sae: int, device="cpu", show_progress=None, total=None) -> dict:
-    """Reconstruction and sparsity metrics over an iterable of [B, d] batches (REFERENCE.md §2)."""
+    """Reconstruction and sparsity metrics over an iterable of [B, d] batches."""
     n = 0
     sse = sum_x2 = sum_xhat2 = sum_dot = sum_cos = sum_ratio = sum_l0 = sum_l1 = 0.0
     sum_x = shift = None  # sums of x − shift (shift = first batch's mean) keep the variance well conditioned
@@ -215,9 +213,10 @@ def spliced_lm_metrics(sae, model, hook: str, contexts: list[list[int]], mean_ac
 def evaluate_sae(sae_or_folder, store_folder, lm=None, max_tokens: int = 200_000, lm_contexts: int = 64,
                  batch_size: int = 2048, *, hook: str | None = None, lm_batch_size: int = 4, device: str = "cpu",
                  out: str | Path | None = None, show_progress: bool | None = None) -> dict:
-    """All REFERENCE.md §2 metrics of an SAE on a store; written to ``eval.json`` in the SAE folder.
+    """Every reconstruction, sparsity and spliced-LM metric of an SAE on a store, saved as ``eval.json``.
 
-    ``lm``: a LoadedModel for the spliced-LM metrics (default: load the store's model when
+    The SAE must fit the store (model, hook, width) and the store's activations must be finite; a failed
+    evaluation writes nothing, so a good eval.json is never replaced by NaNs. ``lm``: a LoadedModel for the spliced-LM metrics (default: load the store's model when
     ``lm_contexts`` > 0). ``lm_contexts=0`` skips the LM. ``out``: where eval.json goes (default: the SAE
     folder when a folder was given; nothing is written for an in-memory SAE without ``out``).
     """
@@ -226,9 +225,10 @@ def evaluate_sae(sae_or_folder, store_folder, lm=None, max_tokens: int = 200_000
     started = time.perf_counter()
     sae, folder = _load(sae_or_folder)
     store = ActivationStore(store_folder)
-    hook = _check_match(sae, store, hook)
+    hook = check_sae_fits(sae, model_name=store.model, hook=hook, hooks=store.hooks)
     if max_tokens < 1 or batch_size < 1 or lm_contexts < 0:
         raise MonoscopeError("max_tokens and batch_size must be positive and lm_contexts non-negative")
+    store.check_finite(hook)
     sae = sae.to(device).eval()
     n = min(max_tokens, store.num_rows)
     result = reconstruction_metrics(sae, _rows_without_bos(store, hook, batch_size, n), sae.cfg.d_sae, device,
@@ -248,6 +248,7 @@ def evaluate_sae(sae_or_folder, store_folder, lm=None, max_tokens: int = 200_000
         result.update(spliced_lm_metrics(sae, lm.model, hook, contexts, mean_act, lm.bos_token_id,
                                          lm_batch_size, show_progress))
 
+    result = _checked(result, str(folder) if folder else "the SAE")
     result.update({
         "hook": hook, "model": store.model, "store": str(Path(store_folder).resolve()),
         "store_input_hash": store.meta.get("input_hash"),
@@ -272,7 +273,8 @@ def format_metrics(m: dict) -> str:
     for k in keys:
         if k in m:
             v = m[k]
-            lines.append(f"{k:<32} {v:,}" if isinstance(v, int) else f"{k:<32} {v:.6g}")
+            text = "undefined" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.6g}"
+            lines.append(f"{k:<32} {text}")
     return "\n".join(lines)
 
 

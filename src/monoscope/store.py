@@ -235,11 +235,8 @@ class StoreWriter(_ManifestState):
                 raise MonoscopeError(
                     f"the activation store in {self.folder} was written with different settings and cannot be "
                     f"extended ({'; '.join(diffs)}). Use a new folder, or delete this one to start over.")
-            for s in m["shards"]:
-                f = self.folder / s["file"]
-                if not f.exists() or f.stat().st_size != s["bytes"]:
-                    raise MonoscopeError(f"committed shard {f} is missing or has the wrong size; the store in "
-                                         f"{self.folder} is corrupt: delete the folder and extract again")
+            for entry in m["shards"]:
+                _check_shard_file(self.folder, entry)
             self.manifest = m
         else:
             now = now_iso()
@@ -411,21 +408,114 @@ def _is_store_file(name: str) -> bool:
 
 
 def _load_manifest(folder: Path) -> dict:
+    """Read and validate ``folder/manifest.json``; every defect is one MonoscopeError line with its fix."""
     path = folder / MANIFEST
     if not path.exists():
         raise MonoscopeError(f"{folder} holds no activation store (no {MANIFEST}); extract one first with "
                              f"`monoscope extract`, or check the path")
     try:
         m = read_json(path)
-    except (OSError, ValueError) as err:
-        raise MonoscopeError(f"{path} is not readable JSON ({err}); the store is corrupt") from err
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise MonoscopeError(f"{path} is not readable JSON ({err}); the store is corrupt: "
+                             f"{_REEXTRACT.format(folder=folder)}") from None
     found = m.get("format") if isinstance(m, dict) else None
     if found != FORMAT:
-        raise MonoscopeError(f"{path} is not an activation store manifest (format {found!r}, expected {FORMAT!r})")
-    if m.get("version", 0) > VERSION:
-        raise MonoscopeError(f"{path} has store format version {m['version']}; this monoscope reads up to "
+        raise MonoscopeError(f"{path} is not an activation store manifest (format {found!r}, expected {FORMAT!r}); "
+                             f"point at a folder written by `monoscope extract`")
+    version = m.get("version", 0)
+    if not _is_count(version):
+        raise MonoscopeError(f"{path}: field 'version' is {version!r}, expected an integer; "
+                             f"{_REEXTRACT.format(folder=folder)}")
+    if version > VERSION:
+        raise MonoscopeError(f"{path} has store format version {version}; this monoscope reads up to "
                              f"version {VERSION}: upgrade monoscope")
+    problem = _manifest_problem(m)
+    if problem:
+        raise MonoscopeError(f"{path}: {problem}; the manifest was hand-edited or cut short: "
+                             f"{_REEXTRACT.format(folder=folder)}")
+    m.setdefault("meta", {})
     return m
+
+
+_REEXTRACT = "re-extract the store (delete {folder} and run `monoscope extract` again)"
+
+# manifest field -> (check, what a valid value looks like)
+_FIELDS = {
+    "model": (lambda v: isinstance(v, str), "a string"),
+    "model_fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "hooks": (lambda v: isinstance(v, dict) and bool(v), "a non-empty object {hook name: width}"),
+    "num_rows": (lambda v: _is_count(v), "a non-negative integer"),
+    "contexts_done": (lambda v: _is_count(v), "a non-negative integer"),
+    "finished": (lambda v: isinstance(v, bool), "true or false"),
+    "meta": (lambda v: isinstance(v, dict), "an object"),
+    "shards": (lambda v: isinstance(v, list), "a list of shard entries"),
+}
+_OPTIONAL = {"meta"}
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with a parsed manifest (types and row totals), or None when it is well formed."""
+    for key, (ok, want) in _FIELDS.items():
+        if key not in m:
+            if key in _OPTIONAL:
+                continue
+            return f"field {key!r} is missing"
+        if not ok(m[key]):
+            return f"field {key!r} is {_short(m[key])}, expected {want}"
+    try:
+        _check_hooks(m["hooks"])
+    except MonoscopeError as err:
+        return f"field 'hooks' is invalid ({err})"
+    seen: set[str] = set()
+    for i, entry in enumerate(m["shards"]):
+        problem = _shard_entry_problem(entry)
+        if problem is None and entry["file"] in seen:
+            problem = "repeats a file listed before it"
+        if problem:
+            return f"shard entry {i} {problem}"
+        seen.add(entry["file"])
+    total = sum(e["rows"] for e in m["shards"])
+    if total != m["num_rows"]:
+        return f"'num_rows' is {m['num_rows']} but the shards hold {total} rows"
+    return None
+
+
+def _shard_entry_problem(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return f"is {_short(entry)}, expected an object with file, rows, bytes and sha256"
+    name = entry.get("file")
+    if not (isinstance(name, str) and name.startswith("shard_") and name.endswith(".safetensors")
+            and Path(name).name == name):
+        return f"has file {_short(name)}, expected a shard file name inside the store such as 'shard_00000.safetensors'"
+    for key in ("rows", "bytes"):
+        if not _is_count(entry.get(key)) or entry[key] == 0:
+            return f"({name}) has {key} {_short(entry.get(key))}, expected a positive integer"
+    if not isinstance(entry.get("sha256"), str):
+        return f"({name}) has sha256 {_short(entry.get('sha256'))}, expected a hex string"
+    return None
+
+
+def _short(v: Any) -> str:
+    text = "absent" if v is None else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_shard_file(folder: Path, entry: dict) -> Path:
+    """Stat one committed shard: raise one line if it is missing or not the size the manifest records."""
+    f = folder / entry["file"]
+    if not f.is_file():
+        raise MonoscopeError(f"shard {f} listed in the manifest is missing; the store is incomplete: "
+                             f"restore the file or extract the store again")
+    size = f.stat().st_size
+    if size != entry["bytes"]:
+        raise MonoscopeError(f"shard {f} is {size} bytes but the manifest says {entry['bytes']}: "
+                             f"truncated or replaced; extract the store again")
+    return f
 
 
 # ----------------------------------------------------------------------------------------------- reader
@@ -451,20 +541,13 @@ class ActivationStore(_ManifestState):
         self.num_rows = int(self.offsets[-1])
         self._maps: dict[int, dict[str, np.memmap]] = {}
         self._stream_stats: dict[str, int] = {}
-        for s in self.shards:  # cheap check (stat only); verify() does the deep one
-            f = self.folder / s["file"]
-            if not f.exists():
-                raise MonoscopeError(f"shard {f} listed in the manifest is missing; the store is incomplete: "
-                                     f"restore the file or extract again")
-            if f.stat().st_size != s["bytes"]:
-                raise MonoscopeError(f"shard {f} is {f.stat().st_size} bytes but the manifest says {s['bytes']}: "
-                                     f"truncated or replaced; extract again")
+        for entry in self.shards:  # cheap check (stat only); verify() does the deep one
+            _check_shard_file(self.folder, entry)
 
     # -- metadata
     @property
     def meta(self) -> dict:
-        return self.manifest.get("meta", {})
-
+        return self.manifest["meta"]
 
     @property
     def model_fingerprint(self) -> str:
@@ -515,12 +598,23 @@ class ActivationStore(_ManifestState):
                 if bad or e - b != int(np.prod(shape)) * dt.itemsize:
                     raise MonoscopeError(f"shard {path}: tensor {key!r} has an invalid header entry {info}; "
                                          f"the store is corrupt: extract again")
+                want = self._shape_of(key, self.shards[s]["rows"])
+                if want is not None and shape != want:
+                    raise MonoscopeError(f"shard {path}: tensor {key!r} has shape {list(shape)} but the manifest "
+                                         f"implies {list(want)}; the manifest was hand-edited or the shard "
+                                         f"replaced: extract the store again")
                 maps[key] = np.memmap(path, dtype=dt, mode="r", offset=start + b, shape=shape)
             self._maps[s] = maps
         maps = self._maps[s]
         if name not in maps:
             raise MonoscopeError(f"shard {self.folder / self.shards[s]['file']} lacks tensor {name!r}; corrupt store")
         return maps[name]
+
+    def _shape_of(self, name: str, rows: int) -> tuple | None:
+        """The shape the manifest implies for tensor ``name`` of a shard with ``rows`` rows (None: unknown)."""
+        if name in self.hooks:
+            return (rows, self.hooks[name])
+        return (rows,) if name in COLUMNS else None
 
     def _dtype_of(self, name: str) -> str:
         return self.dtype if name in self.hooks else COLUMNS[name]
@@ -700,12 +794,7 @@ class ActivationStore(_ManifestState):
     def verify(self) -> None:
         """Recompute every shard's sha256 and check its tensors' shapes; raise naming the first bad shard."""
         for s, sh in enumerate(self.shards):
-            f = self.folder / sh["file"]
-            if not f.exists():
-                raise MonoscopeError(f"shard {f} is missing; extract the store again")
-            if f.stat().st_size != sh["bytes"]:
-                raise MonoscopeError(f"shard {f} is {f.stat().st_size} bytes, the manifest says {sh['bytes']}: "
-                                     f"truncated or replaced; extract the store again")
+            f = _check_shard_file(self.folder, sh)
             if sha256_file(f) != sh["sha256"]:
                 raise MonoscopeError(f"shard {f} is corrupt (sha256 differs from the manifest); "
                                      f"extract the store again")

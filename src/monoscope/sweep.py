@@ -22,14 +22,13 @@ from monoscope.config import to_dict
 from monoscope.errors import MonoscopeError
 from monoscope.train import SIDECAR, TrainConfig, run_hash, store_identity, train_sae
 
-# Which sparsity knob each architecture is swept over: (TrainConfig field, SweepConfig field with its values).
-KNOBS = {
-    "topk": ("k", "k_values"),
-    "batchtopk": ("k", "k_values"),
-    "matryoshka": ("k", "k_values"),
-    "jumprelu": ("target_l0", "target_l0_values"),
-    "relu": ("l1_coefficient", "l1_values"),
-    "gated": ("l1_coefficient", "l1_values"),
+# Each sparsity knob an architecture may name in its ``sweep_knobs`` (a TrainConfig field): the SweepConfig
+# field holding its values and their type.
+KNOB_VALUES = {
+    "k": ("k_values", int),
+    "target_l0": ("target_l0_values", float),
+    "l0_coefficient": ("l0_values", float),
+    "l1_coefficient": ("l1_values", float),
 }
 COLUMNS = ("architecture", "knob", "value", "d_in", "d_sae", "train_tokens", "l0", "fvu", "explained_variance",
            "mse", "cosine", "relative_reconstruction_bias", "dead_fraction", "delta_loss", "ce_loss_recovered",
@@ -61,18 +60,26 @@ class SweepConfig:
     lm_contexts: int = field(default=32, metadata={"help": "validation contexts for the spliced LM loss (0: skip)"})
 
 
+def sweep_knob(cfg: SweepConfig, arch: str) -> str:
+    """The knob ``arch`` is swept over: the first of its ``sweep_knobs`` that ``cfg`` gives values for."""
+    from monoscope.sae import REGISTRY
+
+    if arch not in REGISTRY:
+        raise MonoscopeError(f"unknown architecture {arch!r} in the sweep; choose from {', '.join(REGISTRY)}")
+    knobs = REGISTRY[arch].sweep_knobs
+    for knob in knobs:
+        if getattr(cfg, KNOB_VALUES[knob][0]):
+            return knob
+    flags = " or ".join("--" + KNOB_VALUES[k][0].replace("_", "-") for k in knobs)
+    raise MonoscopeError(f"no values to sweep for {arch} (set {flags})")
+
+
 def _runs(cfg: SweepConfig) -> list[tuple[str, str, float]]:
     runs = []
     for arch in cfg.architectures:
-        if arch not in KNOBS:
-            raise MonoscopeError(f"unknown architecture {arch!r} in the sweep; choose from {', '.join(KNOBS)}")
-        knob, values_field = KNOBS[arch]
-        if arch == "jumprelu" and cfg.l0_values:
-            knob, values_field = "l0_coefficient", "l0_values"
-        values = getattr(cfg, values_field)
-        if not values:
-            raise MonoscopeError(f"no values to sweep for {arch} (set --{values_field.replace('_', '-')})")
-        runs += [(arch, knob, v) for v in values]
+        knob = sweep_knob(cfg, arch)
+        values_field, kind = KNOB_VALUES[knob]
+        runs += [(arch, knob, kind(v)) for v in getattr(cfg, values_field)]
     return runs
 
 
@@ -80,7 +87,7 @@ def _train_config(cfg: SweepConfig, arch: str, knob: str, value: float) -> Train
     tc = TrainConfig(architecture=arch, d_sae=cfg.d_sae, expansion_factor=cfg.expansion_factor, tokens=cfg.tokens,
                      steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, hook=cfg.hook,
                      device=cfg.device)
-    setattr(tc, knob, int(value) if knob == "k" else float(value))
+    setattr(tc, knob, value)
     return tc
 
 

@@ -157,14 +157,9 @@ def _sae_config(cfg: TrainConfig, d_in: int, d_sae: int, hook: str, model: str, 
 
 
 def _check_settings(cfg: TrainConfig, d_sae: int, world: int) -> None:
-    from monoscope.sae import REGISTRY
-
-    if cfg.architecture not in REGISTRY:
-        raise MonoscopeError(f"unknown SAE architecture {cfg.architecture!r}; choose one of {', '.join(REGISTRY)}")
+    """The trainer's own settings; the SAE's (architecture, k, coefficients...) are checked by its class."""
     if d_sae < 1 or cfg.expansion_factor < 1:
         raise MonoscopeError(f"d_sae must be a positive number of latents, got {d_sae}")
-    if cfg.architecture in ("topk", "batchtopk", "matryoshka") and not 0 < cfg.k <= d_sae:
-        raise MonoscopeError(f"k={cfg.k} must lie in 1..d_sae={d_sae}; lower --k or raise --d-sae")
     if cfg.batch_size < 1 or cfg.batch_size % world:
         raise MonoscopeError(f"batch_size {cfg.batch_size} must be a positive multiple of the number of "
                              f"processes ({world}); each process takes batch_size / {world} rows per step")
@@ -299,6 +294,7 @@ def train_sae(cfg: TrainConfig, store_folder: str | Path, out_folder: str | Path
         d = store.d(hook)
         d_sae = cfg.d_sae if cfg.d_sae is not None else cfg.expansion_factor * d
         _check_settings(cfg, d_sae, dist_.world)
+        _sae_config(cfg, d, d_sae, hook, store.model).validate()  # architecture settings, before any work
         identity = store_identity(store)
         rhash = run_hash(cfg, identity)
         sidecar = out / SIDECAR

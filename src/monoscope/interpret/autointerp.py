@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 from monoscope.artifacts import atomic_path, fsync_dir
 from monoscope.errors import MonoscopeError
 from monoscope.interpret.backends import Backend, BackendError, make_backend
+from monoscope.interpret.feature_stats import FeatureStats
 
 SCORES = ("detection", "fuzzing", "simulation")
 
@@ -511,7 +513,8 @@ class ExplainConfig:
     seed: int = field(default=0, metadata={"help": "seed of shuffles and random marks"})
     cache: bool = field(default=True, metadata={"help": "cache completions on disk so reruns never re-ask"})
     concurrency: int = field(default=4, metadata={"help": "parallel requests for HTTP backends"})
-    retry_failed: bool = field(default=False, metadata={"help": "redo features whose earlier attempt failed"})
+    retry_failed: bool = field(default=False, metadata={"help": "redo features whose earlier attempt failed "
+                                                                  "or is partial"})
 
     def __post_init__(self) -> None:
         bad = [s for s in self.scores if s not in SCORES]
@@ -550,9 +553,29 @@ def explain_and_score(fx: FeatureExamples, backend: Backend, config: ExplainConf
     if "simulation" in cfg.scores:
         half = max(1, cfg.n_score // 2)
         rec["simulation"] = score_simulation(expl, activating[:half] + negatives[:half], backend)
-    partial = any(rec[s].get("n", 0) == 0 for s in cfg.scores)
-    rec["status"] = "partial" if partial else "ok"
+    missing = [s for s in cfg.scores if not _score_ok(rec.get(s))]
+    rec["status"] = "partial" if missing else "ok"
+    if missing:
+        rec["failure"] = f"score(s) missing or failed: {', '.join(missing)}"
     return rec
+
+
+def _score_ok(score: Any) -> bool:
+    """A score counts only when every one of its prompts was answered and read."""
+    return (isinstance(score, dict) and "failure" not in score and score.get("n", 0) > 0
+            and not score.get("failures") and not score.get("unparsed"))
+
+
+def not_ok(records: Iterable[dict]) -> list[dict]:
+    """The records whose status is not "ok" (failed or partial): what ``retry_failed`` redoes."""
+    return [r for r in records if r.get("status") != "ok"]
+
+
+def backend_failed(records: Iterable[dict]) -> list[dict]:
+    """The not-ok records whose failure came from the backend (unreachable, errors, malformed answers): worth
+    retrying once the endpoint works. An explanation the model wrote but that could not be parsed is an
+    outcome, not an outage, and is not among them."""
+    return [r for r in not_ok(records) if "backend:" in str(r.get("failure", ""))]
 
 
 def read_results(path: str | os.PathLike) -> dict[int, dict]:
@@ -623,9 +646,9 @@ def explain_features(source: Any, feature_ids: Iterable[int] | None, backend: Ba
     ``source`` is a feature-statistics folder, a ``{feature: FeatureExamples}`` mapping or a list of
     ``FeatureExamples``; ``feature_ids=None`` means every feature of a mapping/list. ``backend`` is a
     Backend or a spec string (None: ``config.backend``); specs get a disk cache under the monoscope cache
-    when ``config.cache``. Features already in ``out_path`` are skipped (failed ones too, unless
-    ``config.retry_failed``). A failure is recorded with its reason and the run goes on. Returns the
-    records of the requested features in order.
+    when ``config.cache``. Feature ids are checked against ``source`` before any request. Features already
+    in ``out_path`` are skipped (failed and partial ones too, unless ``config.retry_failed``). A failure is
+    recorded with its reason and the run goes on. Returns the records of the requested features in order.
     """
     from monoscope.progress import progress_bar
 
@@ -637,6 +660,7 @@ def explain_features(source: Any, feature_ids: Iterable[int] | None, backend: Ba
             raise MonoscopeError("give feature_ids when reading a statistics folder")
         feature_ids = list(source) if isinstance(source, Mapping) else [fx.feature for fx in source]
     feature_ids = [int(f) for f in feature_ids]
+    _check_ids(source, feature_ids)
     get = _examples_getter(source, 2 * cfg.n_score, cfg.seed)
     if backend is None or isinstance(backend, str):
         backend = backend_from_config(cfg, backend)
@@ -663,6 +687,20 @@ def explain_features(source: Any, feature_ids: Iterable[int] | None, backend: Ba
     return [done[f] for f in feature_ids]
 
 
+def _check_ids(source: Any, feature_ids: list[int]) -> None:
+    """Raise before any request if a feature id is not in ``source`` (a stats folder, mapping or list)."""
+    if isinstance(source, (str, os.PathLike, StatsReader)):
+        n = len(source if isinstance(source, StatsReader) else StatsReader(source))
+        bad = [f for f in feature_ids if not 0 <= f < n]
+        known = f"the statistics have features 0..{n - 1}"
+    else:
+        have = set(source) if isinstance(source, Mapping) else {fx.feature for fx in source}
+        bad = [f for f in feature_ids if f not in have]
+        known = f"examples were given for {len(have)} features"
+    if bad:
+        raise MonoscopeError(f"feature id(s) {bad[:10]} out of range; {known}")
+
+
 def backend_from_config(cfg: ExplainConfig, spec: str | None = None) -> Backend:
     """Build the backend a config names, with the disk cache and concurrency it asks for."""
     from monoscope.models import cache_dir
@@ -673,88 +711,13 @@ def backend_from_config(cfg: ExplainConfig, spec: str | None = None) -> Backend:
 
 
 # ---------------------------------------------------------------- feature-statistics adapter
-class StatsReader:
-    """Random access to the per-feature records of a feature-statistics folder (monoscope.interpret.stats).
-
-    ``contexts.jsonl`` holds one line per feature; the byte offset of every line is found once, so reading
-    many features costs one scan, not one scan each.
-    """
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        path = self.folder / "contexts.jsonl"
-        if not path.exists():
-            raise MonoscopeError(f"{self.folder} holds no feature contexts (no contexts.jsonl); "
-                                 f"run `monoscope stats` first")
-        self.path = path
-        self.offsets = []
-        with open(path, "rb") as fh:
-            pos = 0
-            for line in fh:
-                self.offsets.append(pos)
-                pos += len(line)
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def record(self, feature: int) -> dict:
-        if not 0 <= feature < len(self.offsets):
-            raise MonoscopeError(f"feature {feature} is out of range: {self.folder} has features 0..{len(self) - 1}")
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offsets[feature])
-            return json.loads(fh.readline())
-
-    def examples(self, feature: int, n_negatives: int = 20, seed: int = 0) -> FeatureExamples:
-        """Top and interval examples of ``feature``, plus borrowed non-activating contexts (see
-        ``examples_from_stats``)."""
-        rec = self.record(feature)
-        top = [_example(e) for e in rec.get("top", [])]
-        intervals = [_example(e) for part in rec.get("intervals", []) for e in part.get("examples", [])]
-        own = {e.get("context") for e in rec.get("top", [])}
-        own |= {e.get("context") for part in rec.get("intervals", []) for e in part.get("examples", [])}
-        rng = random.Random(seed * 1_000_003 + feature)
-        others = [f for f in range(len(self)) if f != feature]
-        rng.shuffle(others)
-        negatives: list[Example] = []
-        for f in others[: 4 * n_negatives]:
-            if len(negatives) >= n_negatives:
-                break
-            candidates = [e for e in self.record(f).get("top", []) if e.get("context") not in own]
-            if candidates:
-                pick = rng.choice(candidates)
-                own.add(pick.get("context"))
-                negatives.append(Example(list(pick["tokens"]), [0.0] * len(pick["tokens"])))
-        return FeatureExamples(feature, top, intervals, negatives)
-
-
-def _example(e: dict) -> Example:
-    return Example(list(e["tokens"]), [a if a is not None else 0.0 for a in e["acts"]])
-
-
-def examples_from_stats(stats_folder: str | os.PathLike | StatsReader, feature: int, n_negatives: int = 20,
-                        seed: int = 0) -> FeatureExamples:
-    """One feature's examples from a feature-statistics folder.
-
-    The artifact keeps no non-activating contexts, so ``negatives`` are borrowed: top windows of other,
-    randomly chosen features from contexts where this feature has no kept example, with activations
-    assumed 0. For a sparse feature that is almost always right; for a dense one some may be activating.
-    """
-    reader = stats_folder if isinstance(stats_folder, StatsReader) else StatsReader(stats_folder)
-    return reader.examples(int(feature), n_negatives=n_negatives, seed=seed)
+# A statistics folder is read through its owning class; ``StatsReader`` is the name explain_features uses.
+StatsReader = FeatureStats
 
 
 def top_features(stats_folder: str | os.PathLike, n: int) -> list[int]:
-    """The ``n`` live features that fire most often (highest density), densest first."""
-    from safetensors import safe_open
-
-    path = Path(stats_folder) / "features.safetensors"
-    if not path.exists():
-        raise MonoscopeError(f"{stats_folder} holds no feature statistics (no features.safetensors); "
-                             f"run `monoscope stats` first")
-    with safe_open(str(path), "pt") as fh:
-        density = fh.get_tensor("density").float()
-    live = [int(i) for i in density.argsort(descending=True).tolist() if density[i] > 0]
-    return live[:n]
+    """``FeatureStats(stats_folder).top_features(n)``: the n densest live features (for ``--top-n``)."""
+    return FeatureStats(stats_folder).top_features(n)
 
 
 # ---------------------------------------------------------------- CLI
@@ -769,18 +732,27 @@ def setup_explain(p):
     which.add_argument("--top-n", type=int, help="explain the N live features with the highest activation")
     p.add_argument("--out", default=None, help="results file (JSON lines; default STATS/explanations.jsonl)")
 
-    def run(ns):
+    def run(ns) -> int:
         from monoscope.config import from_namespace
 
         cfg = from_namespace(ExplainConfig, ns)
         features = ns.features if ns.features else top_features(ns.stats, ns.top_n)
         out = ns.out or str(Path(ns.stats) / "explanations.jsonl")
+        earlier = [r for f, r in read_results(out).items() if f in set(features)]
+        if not_ok(earlier) and not cfg.retry_failed:
+            print(f"explain: {len(not_ok(earlier))} of {len(earlier)} earlier records in {out} are not ok "
+                  "and are kept as they are; --retry-failed retries them", file=sys.stderr)
         records = explain_features(ns.stats, features, None, out, cfg)
         for rec in records:
             scores = "  ".join(_summary(rec, s) for s in cfg.scores if isinstance(rec.get(s), dict))
             what = rec.get("explanation") or f"[{rec.get('status')}: {rec.get('failure')}]"
             print(f"{rec['feature']}\t{what}\t{scores}")
-        print(f"# {sum(r.get('status') == 'ok' for r in records)}/{len(records)} features ok; results in {out}")
+        print(f"# {len(records) - len(not_ok(records))}/{len(records)} features ok; results in {out}")
+        bad = not_ok(records)
+        if bad:
+            print(f"explain: {len(bad)} of {len(records)} features not ok ({bad[0].get('failure')}); "
+                  "rerun with --retry-failed after fixing the endpoint", file=sys.stderr)
+        return 1 if bad else 0
     return run
 
 

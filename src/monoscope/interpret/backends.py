@@ -9,9 +9,11 @@ Backend specs for ``make_backend``::
     hf:gemma-3-270m                      built-in or local Hugging Face causal LM (see monoscope.models)
     hf:/path/to/model
     openai:MODEL@http://127.0.0.1:8000/v1  OpenAI-compatible chat API at that base URL
-    openai:MODEL                         base URL from $MONOSCOPE_OPENAI_BASE_URL (else api.openai.com)
+    openai:MODEL                         base URL from $MONOSCOPE_OPENAI_BASE_URL (no default host)
     openai-completions:MODEL@URL         the legacy /completions endpoint instead of /chat/completions
 
+The base URL must be an explicit http:// or https:// URL: corpus text is never sent to a host nobody named.
+Each HTTP backend prints the host that receives corpus text to stderr once, before its first request.
 The API key comes from the argument or $OPENAI_API_KEY (a local server usually needs none).
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import random
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -37,6 +40,10 @@ from monoscope.errors import MonoscopeError
 
 class BackendError(Exception):
     """One completion could not be had (network, HTTP status, unreadable response). Recorded, not fatal."""
+
+
+class MalformedResponse(BackendError):
+    """A 200 answer without usable text (not JSON, no choices); retried like a transient failure."""
 
 
 @runtime_checkable
@@ -143,8 +150,9 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 class OpenAIBackend(BaseBackend):
     """An OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama, ...) over plain ``urllib``.
 
-    Retries 429/5xx/timeouts/connection errors up to ``max_retries`` times with exponential backoff
-    (honouring ``Retry-After``); a 4xx or a response without text raises ``BackendError`` at once.
+    Retries 429/5xx, timeouts, connection errors and malformed 200 answers (not JSON, no text) up to
+    ``max_retries`` times with exponential backoff (honouring ``Retry-After``); another 4xx raises
+    ``BackendError`` at once.
     ``complete_batch`` sends up to ``concurrency`` requests at a time.
     """
 
@@ -155,9 +163,7 @@ class OpenAIBackend(BaseBackend):
             raise MonoscopeError(f"endpoint must be 'chat' or 'completions', not {endpoint!r}")
         if not model:
             raise MonoscopeError("OpenAIBackend needs a model name, e.g. openai:gpt-4o-mini@http://host/v1")
-        base_url = base_url or os.environ.get("MONOSCOPE_OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        if not base_url.startswith(("http://", "https://")):
-            raise MonoscopeError(f"base URL must start with http:// or https://, got {base_url!r}")
+        base_url = _explicit_url(base_url or os.environ.get("MONOSCOPE_OPENAI_BASE_URL"), model)
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
@@ -166,6 +172,15 @@ class OpenAIBackend(BaseBackend):
         self.endpoint = endpoint
         self.extra = dict(extra or {})
         self.identity = f"openai-{endpoint}:{model}@{self.base_url}"
+        self._announced = False
+        self._announce_lock = threading.Lock()
+
+    def _announce(self) -> None:
+        """Say once, on stderr, which host is about to receive corpus text."""
+        with self._announce_lock:
+            if not self._announced:
+                print(f"explain: sending corpus text to {self.base_url}", file=sys.stderr, flush=True)
+                self._announced = True
 
     def _request(self, prompt: str, max_tokens: int, temperature: float) -> tuple[str, dict]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature}
@@ -188,6 +203,7 @@ class OpenAIBackend(BaseBackend):
 
     def complete(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0) -> str:
         url, body = self._request(prompt, max_tokens, temperature)
+        self._announce()
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
             wait = None
@@ -203,6 +219,8 @@ class OpenAIBackend(BaseBackend):
                 if exc.code not in RETRY_STATUS:
                     raise BackendError(last) from None
                 wait = _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
+            except MalformedResponse as exc:
+                last = f"{exc} (from {url})"
             except (urllib.error.URLError, http.client.HTTPException, socket.timeout, TimeoutError,
                     ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)
@@ -217,14 +235,14 @@ class OpenAIBackend(BaseBackend):
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BackendError(f"response is not JSON: {raw[:120]!r}") from None
+            raise MalformedResponse(f"response is not JSON: {raw[:120]!r}") from None
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] if self.endpoint == "chat" else choice["text"]
         except (KeyError, IndexError, TypeError):
-            raise BackendError(f"response has no choices[0] text: {str(data)[:200]}") from None
+            raise MalformedResponse(f"response has no choices[0] text: {str(data)[:200]}") from None
         if not isinstance(text, str):
-            raise BackendError(f"response text is {type(text).__name__}, not a string")
+            raise MalformedResponse(f"response text is {type(text).__name__}, not a string")
         return text
 
     def complete_batch(self, prompts: list[str], *, max_tokens: int = 256,
@@ -233,6 +251,16 @@ class OpenAIBackend(BaseBackend):
             return super().complete_batch(prompts, max_tokens=max_tokens, temperature=temperature)
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
             return list(pool.map(lambda p: _try(self.complete, p, max_tokens, temperature), prompts))
+
+
+def _explicit_url(url: str | None, model: str) -> str:
+    """The base URL if it is an explicit http(s) URL; otherwise a MonoscopeError naming the fix."""
+    fix = f"give the endpoint as openai:{model or 'MODEL'}@http://HOST:PORT/v1 (or set $MONOSCOPE_OPENAI_BASE_URL)"
+    if not url:
+        raise MonoscopeError(f"no endpoint for the openai backend; {fix}")
+    if not url.startswith(("http://", "https://")):
+        raise MonoscopeError(f"endpoint {url!r} is not an http:// or https:// URL; {fix}")
+    return url
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -303,8 +331,8 @@ class CachedBackend(BaseBackend):
 
 # ---------------------------------------------------------------- specs
 SPEC_HELP = ("backend spec: hf:MODEL (built-in name or local folder, e.g. hf:gemma-3-270m), "
-             "openai:MODEL@BASE_URL (e.g. openai:llama3@http://127.0.0.1:8000/v1; BASE_URL defaults to "
-             "$MONOSCOPE_OPENAI_BASE_URL), or openai-completions:MODEL@BASE_URL")
+             "openai:MODEL@BASE_URL (e.g. openai:llama3@http://127.0.0.1:8000/v1; BASE_URL must be an "
+             "http(s) URL, else $MONOSCOPE_OPENAI_BASE_URL), or openai-completions:MODEL@BASE_URL")
 
 
 def make_backend(spec: str, cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> Backend:
@@ -319,8 +347,11 @@ def make_backend(spec: str, cache_dir: str | os.PathLike | None = None, **kwargs
     if kind == "hf":
         backend = HFBackend(rest, **kwargs)
     elif kind in ("openai", "openai-chat", "openai-completions"):
-        at = re.search(r"@(?=[A-Za-z][\w+.-]*://)", rest)  # the '@' that starts a URL
+        at = re.search(r"@(?=https?://)", rest)  # the '@' that starts an http(s) URL
         model, url = (rest[:at.start()], rest[at.end():]) if at else (rest, None)
+        if not at and "@" in rest:  # an endpoint without a scheme must never reach a default host
+            model, _, url = rest.partition("@")
+            _explicit_url(url, model)
         endpoint = "completions" if kind == "openai-completions" else "chat"
         backend = OpenAIBackend(model, url, endpoint=endpoint, **kwargs)
     else:

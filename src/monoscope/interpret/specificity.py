@@ -96,9 +96,9 @@ def rank_latents(scores: dict[str, np.ndarray], rank_by: str = "auc") -> np.ndar
 def check_sae_for_model(lm, sae) -> str:
     """Raise if ``sae`` does not fit ``lm`` (other model, no hook, other width); return its hook."""
     from monoscope.hookpoints import resolve
-    from monoscope.interpret.stats import check_sae_matches
+    from monoscope.sae.compat import check_sae_fits
 
-    check_sae_matches(sae, model_name=lm.name)
+    check_sae_fits(sae, model_name=lm.name)
     hook = sae.cfg.hook_name
     if not hook:
         raise MonoscopeError("the SAE names no hook (cfg.hook_name is empty); set it to the hook it was trained on")

@@ -41,9 +41,9 @@ class Intervention:
 
 def _check(lm, sae, interventions: Sequence[Intervention]) -> list[Intervention]:
     from monoscope.hookpoints import resolve
-    from monoscope.interpret.stats import check_sae_matches
+    from monoscope.sae.compat import check_sae_fits
 
-    check_sae_matches(sae, model_name=lm.name)
+    check_sae_fits(sae, model_name=lm.name)
     if not sae.cfg.hook_name:
         raise MonoscopeError("the SAE names no hook (cfg.hook_name is empty); set it to the hook it was trained on")
     point = resolve(lm.model, sae.cfg.hook_name)
@@ -132,14 +132,23 @@ def _sample(lm, ids: torch.Tensor, n: int, max_new_tokens: int, temperature: flo
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     cur, past, out = ids.repeat(n, 1), None, []
+    key = _cache_argument(lm.model)
     for _ in range(max_new_tokens):
-        o = lm.model(input_ids=cur, past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = o.past_key_values
+        o = lm.model(input_ids=cur, use_cache=True, logits_to_keep=1, **({key: past} if past is not None else {}))
+        past = o["cache"] if key == "cache" else o.past_key_values
         logits = o.logits[:, -1].float().cpu()
         nxt = logits.argmax(-1, keepdim=True) if temperature <= 0 else _draw(logits, temperature, gen)
         out.append(nxt)
         cur = nxt.to(ids.device)
     return torch.cat(out, 1) if out else torch.zeros(n, 0, dtype=torch.long)
+
+
+def _cache_argument(model) -> str:
+    """The name under which this transformers version takes the KV cache ('cache' since 5.2x, before that
+    'past_key_values', which newer versions still accept with a deprecation warning)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _draw(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
@@ -158,6 +167,12 @@ def _decode(lm, new: torch.Tensor) -> list[str]:
             row = row[: row.index(eos)]
         texts.append(lm.tokenizer.decode(row, skip_special_tokens=True))
     return texts
+
+
+def continuations(lm, prompt: str, n: int, max_new_tokens: int, temperature: float = 0.7, seed: int = 0) -> list[str]:
+    """``n`` sampled continuations of ``prompt`` as text (whatever steering is active applies)."""
+    _check_gen(max_new_tokens, n, temperature)
+    return _decode(lm, _sample(lm, _prompt_ids(lm, prompt), n, max_new_tokens, temperature, seed))
 
 
 def _check_gen(max_new_tokens: int, n_samples: int, temperature: float) -> None:

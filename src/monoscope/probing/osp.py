@@ -40,6 +40,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from monoscope.errors import MonoscopeError
+from monoscope.probing.adaptive import adaptive_thresholding, mean_diff_score, order_by_score
 from monoscope.probing.probe import (
     _check_k,
     balanced_weights,
@@ -231,14 +232,12 @@ class _Master:
 
 
 def _prepare_pool(X, y01, pool, weights):
-    from monoscope.probing.select import _mean_diff_score, _order
-
     mean, scale = fit_standardizer(X)
     if np.ndim(pool) == 0:
         size = int(pool)
         if size < 1:
             raise MonoscopeError(f"pool must be a positive size or a list of feature indices, got {pool}.")
-        pool_idx = _order(_mean_diff_score((X - mean) / scale, y01))[: min(size, X.shape[1])]
+        pool_idx = order_by_score(mean_diff_score((X - mean) / scale, y01))[: min(size, X.shape[1])]
     else:
         pool_idx = np.asarray(pool, dtype=np.intp)
         if pool_idx.ndim != 1 or len(pool_idx) == 0:
@@ -462,8 +461,6 @@ def optimal_sparse_probe_path(
     ``enumerate_limit`` k-subsets every one is bounded directly (fast for k <= 4 of 50); otherwise the
     outer-approximation master problem is solved by HiGHS.
     """
-    from monoscope.probing.select import adaptive_thresholding
-
     X = check_X(X_train, "X_train")
     y01, _ = check_labels(y_train, X.shape[0], "y_train")
     pool_idx, Z, y_pm, h = _prepare_pool(X, y01, pool, class_weight)

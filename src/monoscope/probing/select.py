@@ -1,31 +1,32 @@
 """Choosing which k features a sparse probe may use, and the k sweep.
 
 Every ranker sees the TRAIN split only and returns all feature indices ordered best first, so one ranking
-serves every k (top-k is a prefix).  ``adaptive_thresholding`` is the paper's main procedure: it returns
-its own nested supports because each k's choice depends on the fit at the larger k before it.
+serves every k (top-k is a prefix).  ``adaptive_thresholding`` (defined in ``adaptive.py`` and
+re-exported here) is the paper's main procedure: it returns its own nested supports because each k's
+choice depends on the fit at the larger k before it.
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
-
-from monoscope.errors import MonoscopeError
 from threadpoolctl import threadpool_limits
 
-from monoscope.probing.probe import (
-    _fit_probe,
-    balanced_weights,
-    binary_metrics,
-    check_labels,
-    check_X,
-    fit_logistic,
-    fit_standardizer,
-    standardize,
+from monoscope.errors import MonoscopeError
+from monoscope.probing.adaptive import (
+    DEFAULT_KS,
+    adaptive_l1_ratio,
+    adaptive_supports,
+    adaptive_thresholding,
+    mean_diff_score,
+    order_by_score,
+    prepare_train,
+    usable_ks,
 )
+from monoscope.probing.osp import optimal_sparse_probe_path
+from monoscope.probing.probe import _fit_probe, binary_metrics, check_labels, check_X, fit_standardizer, standardize
 
 __all__ = [
     "DEFAULT_KS",
@@ -42,34 +43,15 @@ __all__ = [
     "sweep",
 ]
 
-DEFAULT_KS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 32, 64, 128, 256)
-
-
-def _prepare(X, y):
-    X = check_X(X, "X_train")
-    y01, _ = check_labels(y, X.shape[0], "y_train")
-    return X, y01
-
-
-def _order(score: np.ndarray, tiebreak: np.ndarray | None = None) -> np.ndarray:
-    """Indices by descending score; equal scores keep ``tiebreak`` order (or index order)."""
-    base = np.arange(len(score)) if tiebreak is None else np.asarray(tiebreak)
-    return base[np.argsort(-score[base], kind="stable")]
-
-
 # ----------------------------------------------------------------------------------------------------
 # rankers
 # ----------------------------------------------------------------------------------------------------
 
-def _mean_diff_score(Z: np.ndarray, y01: np.ndarray) -> np.ndarray:
-    return np.abs(Z[y01 == 1].mean(axis=0) - Z[y01 == 0].mean(axis=0))
-
-
 def mean_diff(X_train, y_train, seed: int = 0) -> np.ndarray:
     """|mean(class 1) - mean(class 0)| of activations standardised by the train std."""
-    X, y01 = _prepare(X_train, y_train)
+    X, y01 = prepare_train(X_train, y_train)
     _, scale = fit_standardizer(X)
-    return _order(_mean_diff_score(X / scale, y01))
+    return order_by_score(mean_diff_score(X / scale, y01))
 
 
 def _f_score(X: np.ndarray, y01: np.ndarray) -> np.ndarray:
@@ -87,18 +69,18 @@ def _f_score(X: np.ndarray, y01: np.ndarray) -> np.ndarray:
 
 def f_stat(X_train, y_train, seed: int = 0) -> np.ndarray:
     """ANOVA F statistic between the two classes, ties broken by mean difference."""
-    X, y01 = _prepare(X_train, y_train)
-    return _order(_f_score(X, y01), mean_diff(X, y01))
+    X, y01 = prepare_train(X_train, y_train)
+    return order_by_score(_f_score(X, y01), mean_diff(X, y01))
 
 
 def mutual_info(X_train, y_train, seed: int = 0) -> np.ndarray:
     """scikit-learn's k-NN estimate of mutual information with the label (slowest ranker)."""
     from sklearn.feature_selection import mutual_info_classif
 
-    X, y01 = _prepare(X_train, y_train)
+    X, y01 = prepare_train(X_train, y_train)
     _, scale = fit_standardizer(X)
     mi = mutual_info_classif(X / scale, y01, random_state=seed)
-    return _order(mi, mean_diff(X, y01))
+    return order_by_score(mi, mean_diff(X, y01))
 
 
 def l1_logreg(X_train, y_train, seed: int = 0, n_nonzero: int = 256) -> np.ndarray:
@@ -110,10 +92,10 @@ def l1_logreg(X_train, y_train, seed: int = 0, n_nonzero: int = 256) -> np.ndarr
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import l1_min_c
 
-    X, y01 = _prepare(X_train, y_train)
+    X, y01 = prepare_train(X_train, y_train)
     mean, scale = fit_standardizer(X)
     Z = standardize(X, mean, scale)
-    fallback = _order(_mean_diff_score(Z, y01))
+    fallback = order_by_score(mean_diff_score(Z, y01))
     target = min(n_nonzero, X.shape[1])
     C = l1_min_c(Z, y01, loss="log") * 2.0
     coef = np.zeros(X.shape[1])
@@ -127,12 +109,12 @@ def l1_logreg(X_train, y_train, seed: int = 0, n_nonzero: int = 256) -> np.ndarr
         if np.count_nonzero(coef) >= target:
             break
         C *= 2.0
-    return _order(np.abs(coef), fallback)
+    return order_by_score(np.abs(coef), fallback)
 
 
 def random_rank(X_train, y_train, seed: int = 0) -> np.ndarray:
     """A seeded random order: the baseline any real ranking must beat."""
-    X, _ = _prepare(X_train, y_train)
+    X, _ = prepare_train(X_train, y_train)
     return np.random.default_rng(seed).permutation(X.shape[1])
 
 
@@ -150,70 +132,6 @@ def rank_features(method: str, X_train, y_train, seed: int = 0) -> np.ndarray:
     if method not in RANKERS:
         raise MonoscopeError(f"unknown ranking method {method!r}; choose one of {sorted(RANKERS)}.")
     return RANKERS[method](X_train, y_train, seed=seed)
-
-
-# ----------------------------------------------------------------------------------------------------
-# adaptive thresholding
-# ----------------------------------------------------------------------------------------------------
-
-def adaptive_l1_ratio(k: int) -> float:
-    """The paper's schedule: more L1 as k shrinks, clip(exp(-k/20), 0.1, 0.9)."""
-    return float(np.clip(math.exp(-k / 20.0), 0.1, 0.9))
-
-
-def usable_ks(ks: Iterable[int], p: int, where: str = "sweep") -> list[int]:
-    """Sorted distinct ks; those above the feature count are dropped with a warning (a grid, not a typo)."""
-    ks = sorted({int(k) for k in ks})
-    if not ks:
-        raise MonoscopeError(f"{where} needs at least one k.")
-    if ks[0] < 1:
-        raise MonoscopeError(f"k values must be >= 1, got {ks[0]}.")
-    dropped = [k for k in ks if k > p]
-    if dropped:
-        warnings.warn(f"{where}: dropping k={dropped} (only {p} features available).", stacklevel=3)
-    kept = [k for k in ks if k <= p]
-    if not kept:
-        raise MonoscopeError(f"{where}: every k in {ks} exceeds the {p} available features; use k <= {p}.")
-    return kept
-
-
-def adaptive_thresholding(X_train, y_train, ks=DEFAULT_KS) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """The paper's telescoping selection; returns ``{k: (features best first, elastic-net coef)}``.
-
-    Start from the top max(k) features by mean difference.  For each k from largest to smallest: fit a
-    balanced elastic-net logistic regression on the current k features with C = k/20 and
-    l1_ratio = clip(exp(-k/20), 0.1, 0.9) (sparser as k shrinks), order those features by |coef| (ties
-    keep the previous order), and hand the first next-k of them to the next, smaller k.
-
-    The supports are nested, so each fit is warm-started from the previous one's coefficients, and the
-    ranking is computed once; the solver is the dense proximal Newton in ``probe.fit_logistic``.
-    """
-    X, y01 = _prepare(X_train, y_train)
-    ks = usable_ks(ks, X.shape[1], "adaptive_thresholding")
-    with threadpool_limits(1):  # small dense solves: extra BLAS threads only contend
-        return _adaptive(X, y01, ks)
-
-
-def _adaptive(X, y01, ks):
-    mean, scale = fit_standardizer(X)
-    ranking = _order(_mean_diff_score((X - mean) / scale, y01))
-    current = ranking[: ks[-1]]
-    Z_all = (X[:, current] - mean[current]) / scale[current]  # standardise only what can be used
-    cols = np.arange(len(current))  # positions of `current` inside Z_all
-    s = balanced_weights(y01)
-    w, b = None, 0.0
-    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for k in reversed(ks):
-        cols = cols[:k]
-        w0 = None if w is None else w[:k]
-        w, b = fit_logistic(
-            np.ascontiguousarray(Z_all[:, cols]), y01, C=k / 20.0, l1_ratio=adaptive_l1_ratio(k),
-            sample_weight=s, w0=w0, b0=b,
-        )
-        order = np.argsort(-np.abs(w), kind="stable")
-        cols, w = cols[order], w[order]
-        out[k] = (current[cols], w.copy())
-    return dict(sorted(out.items()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,10 +192,8 @@ def _sweep_method(method, X_train, y01, classes, X_test, y_test01, ks, C, seed, 
     t0 = time.perf_counter()
     extra: dict[int, dict] = {}
     if method == "adaptive":
-        chosen = {k: f for k, (f, _) in _adaptive(X_train, y01, ks).items()}
+        chosen = {k: f for k, (f, _) in adaptive_supports(X_train, y01, ks).items()}
     elif method == "osp":
-        from monoscope.probing.osp import optimal_sparse_probe_path
-
         opts = dict(osp_options or {})
         max_k = opts.pop("max_k", 8)
         osp_ks = [k for k in ks if k <= max_k]

@@ -103,43 +103,23 @@ def _pairs(ids, values) -> list[tuple[int, float]]:
 
 
 class StatsArtifact:
-    """Read access to a feature-statistics folder written by ``monoscope.interpret.stats``.
+    """The browser's view of a feature-statistics folder, read through its owner ``FeatureStats``.
 
-    ``meta`` is the stats.json sidecar, ``arrays`` the per-feature arrays of features.safetensors (numpy),
-    and ``features(ids)`` yields one ``FeatureData`` per wanted id, streaming contexts.jsonl once.
+    ``stats`` is the FeatureStats, ``arrays`` its arrays as numpy, and ``features(ids)`` yields one
+    ``FeatureData`` per wanted id.
     """
 
     def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        if not (self.folder / "stats.json").exists():
-            raise MonoscopeError(f"{self.folder} holds no feature statistics (no stats.json); "
-                                 f"run `monoscope stats` first")
-        for name in ("features.safetensors", "contexts.jsonl"):
-            if not (self.folder / name).exists():
-                raise MonoscopeError(f"{self.folder} lacks {name}: the statistics run did not finish; "
-                                     f"run `monoscope stats` again")
-        self.meta: dict = read_json(self.folder / "stats.json")
-        self.kind = "neurons" if self.meta.get("kind") == "hook_units" else "features"
-        from safetensors.numpy import load_file
+        from monoscope.interpret.feature_stats import FeatureStats
 
-        self.arrays = load_file(str(self.folder / "features.safetensors"))
-        self.n = int(self.meta.get("n_features") or len(self.arrays.get("density", [])))
-
-    @property
-    def model(self) -> str:
-        return str((self.meta.get("store") or {}).get("model") or (self.meta.get("model") or {}).get("name") or "")
-
-    @property
-    def hook(self) -> str:
-        return str(self.meta.get("hook") or "")
-
-    @property
-    def n_tokens(self) -> int | None:
-        return (self.meta.get("store") or {}).get("num_rows")
-
-    @property
-    def neuron_hook(self) -> str:
-        return str((self.meta.get("config") or {}).get("correlate_with_neurons") or "")
+        self.stats = FeatureStats(folder)
+        self.folder = self.stats.folder
+        self.meta: dict = self.stats.sidecar
+        self.kind = "neurons" if self.stats.kind == "hook_units" else "features"
+        self.arrays = {k: v.numpy() for k, v in self.stats.arrays.items()}
+        self.n = self.stats.n_features
+        self.model, self.hook = self.stats.model, self.stats.hook
+        self.n_tokens, self.neuron_hook = self.stats.n_tokens, self.stats.neuron_hook
 
     @property
     def ids(self) -> list[int]:
@@ -179,26 +159,9 @@ class StatsArtifact:
         return fd
 
     def features(self, ids: Iterable[int]) -> Iterator[FeatureData]:
-        """FeatureData for ``ids`` in ascending order (contexts.jsonl is read once, line i = feature i)."""
-        wanted = sorted(set(int(i) for i in ids))
-        if not wanted:
-            return
-        pos = 0
-        with open(self.folder / "contexts.jsonl", encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh):
-                if line_no != wanted[pos]:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    raise MonoscopeError(f"line {line_no + 1} of {self.folder / 'contexts.jsonl'} is not JSON; "
-                                         f"rebuild the statistics with `monoscope stats --force`") from None
-                yield self._feature(wanted[pos], rec)
-                pos += 1
-                if pos == len(wanted):
-                    return
-        raise MonoscopeError(f"{self.folder / 'contexts.jsonl'} ends before feature {wanted[pos]}; "
-                             f"rebuild the statistics with `monoscope stats --force`")
+        """FeatureData for ``ids`` in ascending order."""
+        for fid, rec in self.stats.records(sorted(set(int(i) for i in ids))):
+            yield self._feature(fid, rec)
 
 
 def load_explanations(path: str | os.PathLike | None) -> dict[int, dict]:
@@ -418,7 +381,7 @@ def build_browser(stats_folder: str | os.PathLike, out_folder: str | os.PathLike
         write_json(tmp / SIDE_CAR, {
             "artifact": "feature-browser", "title": title, "kind": stats.kind, "model": stats.model,
             "hook": stats.hook, "stats_folder": str(stats.folder.resolve()),
-            "stats_input_hash": stats.meta.get("input_hash"),
+            "stats_input_hash": stats.stats.input_hash, "stats_content_hash": stats.stats.content_hash,
             "explanations": str(Path(explanations).resolve()) if explanations else None,
             "n_pages": len(ids), "created": now_iso(), "versions": library_versions()})
         _replace_folder(tmp, out)

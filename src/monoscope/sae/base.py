@@ -4,7 +4,7 @@ One class per architecture (relu.py, topk.py, ...) subclasses ``SAE`` and fills 
 the trainer, evaluation, feature statistics and steering only ever use the methods defined here, so a
 new architecture is one new module and one ``@register`` line.
 
-Conventions (REFERENCE.md §1):
+Conventions:
 - ``W_enc`` is [d_in, d_sae], ``W_dec`` is [d_sae, d_in]; x̂ = f·W_dec + b_dec.
 - Pre-activations z = (x − b_dec)·W_enc + b_enc (the b_dec subtraction is skipped when
   ``cfg.apply_b_dec_to_input`` is false, as in Gemma Scope files).
@@ -18,40 +18,45 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from monoscope.errors import MonoscopeError
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "gated", "jumprelu", "matryoshka")
+# name -> class, filled by ``@register`` as the architecture modules are imported (see sae/__init__.py).
 REGISTRY: dict[str, type["SAE"]] = {}
 
 
 @dataclass
 class SAEConfig:
-    """Everything needed to rebuild an SAE; saved inside cfg.json's metadata."""
+    """Everything needed to rebuild an SAE; saved inside cfg.json's metadata.
+
+    Settings only some architectures read default to None and are filled from the architecture's
+    ``defaults`` when the config is made, so each class owns its defaults and a saved config shows
+    which settings its SAE actually uses.
+    """
 
     architecture: str = field(metadata={"help": "relu | topk | batchtopk | gated | jumprelu | matryoshka"})
     d_in: int = field(metadata={"help": "width of the activations the SAE reads"})
     d_sae: int = field(metadata={"help": "number of latents (dictionary size)"})
-    k: int = field(default=32, metadata={"help": "active latents per token (topk, batchtopk, matryoshka)"})
-    l1_coefficient: float = field(default=5.0, metadata={
+    k: int | None = field(default=None, metadata={"help": "active latents per token (topk, batchtopk, matryoshka)"})
+    l1_coefficient: float | None = field(default=None, metadata={
         "help": "λ of the decoder-norm-weighted L1 penalty (relu, gated), on normalised activations"})
-    l0_coefficient: float = field(default=1.0, metadata={
+    l0_coefficient: float | None = field(default=None, metadata={
         "help": "λ of the JumpReLU L0 penalty (or of the target-L0 penalty when target_l0 is set)"})
     target_l0: float | None = field(default=None, metadata={
         "help": "JumpReLU only: use λ·(L0/target − 1)² (Gemma Scope 2) to aim at this L0"})
-    jumprelu_bandwidth: float = field(default=0.001, metadata={"help": "straight-through kernel width ε"})
-    jumprelu_init_threshold: float = field(default=0.001, metadata={"help": "initial JumpReLU threshold θ"})
+    jumprelu_bandwidth: float | None = field(default=None, metadata={"help": "straight-through kernel width ε"})
+    jumprelu_init_threshold: float | None = field(default=None, metadata={"help": "initial JumpReLU threshold θ"})
     aux_k: int | None = field(default=None, metadata={"help": "AuxK latents per token (default d_in // 2)"})
-    aux_coefficient: float = field(default=1 / 32, metadata={"help": "weight α of the AuxK loss"})
+    aux_coefficient: float | None = field(default=None, metadata={"help": "weight α of the AuxK loss"})
     dead_tokens_threshold: int = field(default=10_000_000, metadata={
         "help": "a latent silent for this many training tokens counts as dead (AuxK)"})
     matryoshka_widths: tuple[int, ...] | None = field(default=None, metadata={
         "help": "nested prefix widths, last = d_sae (default d_sae/16, /8, /4, /2, d_sae)"})
-    batchtopk_threshold_rate: float = field(default=0.01, metadata={
+    batchtopk_threshold_rate: float | None = field(default=None, metadata={
         "help": "EMA rate of the inference threshold of batchtopk / matryoshka"})
     decoder_init_norm: float | None = field(default=None, metadata={
         "help": "initial decoder row norm (default 0.1 for relu/gated, 1 for the unit-norm archs)"})
@@ -59,6 +64,12 @@ class SAEConfig:
         "help": "encode x − b_dec (false only for imported SAEs such as Gemma Scope)"})
     hook_name: str = field(default="", metadata={"help": "where in the model the SAE reads"})
     model_name: str = field(default="", metadata={"help": "model the SAE was trained on"})
+
+    def __post_init__(self) -> None:
+        cls = REGISTRY.get(self.architecture)
+        for name, value in (cls.defaults.items() if cls is not None else ()):
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     @property
     def aux_k_resolved(self) -> int:
@@ -72,30 +83,24 @@ class SAEConfig:
         return tuple(ws)
 
     def validate(self) -> None:
-        """Raise a MonoscopeError naming the first bad field and what would be right."""
-        if self.architecture not in ARCHITECTURES:
+        """Raise a MonoscopeError naming the first bad field and what would be right.
+
+        The checks common to every SAE live here; each architecture adds its own in ``check_config``.
+        """
+        cls = REGISTRY.get(self.architecture)
+        if cls is None:
             raise MonoscopeError(f"unknown SAE architecture {self.architecture!r}; "
-                                 f"valid names are: {', '.join(ARCHITECTURES)}")
+                                 f"valid names are: {', '.join(REGISTRY)}")
         if self.d_in < 1 or self.d_sae < 1:
             raise MonoscopeError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if self.architecture in ("topk", "batchtopk", "matryoshka"):
-            if not 1 <= self.k <= self.d_sae:
-                raise MonoscopeError(f"k={self.k} must be between 1 and d_sae={self.d_sae}; "
-                                     f"lower k or widen the SAE")
-            if self.aux_k is not None and self.aux_k < 1:
-                raise MonoscopeError(f"aux_k={self.aux_k} must be ≥ 1 (or unset for d_in // 2)")
-        if self.architecture == "matryoshka":
-            ws = self.widths_resolved
-            if list(ws) != sorted(set(ws)) or ws[0] < 1 or ws[-1] != self.d_sae:
-                raise MonoscopeError(f"matryoshka_widths {list(ws)} must be strictly increasing, positive and "
-                                     f"end at d_sae={self.d_sae}, e.g. {[self.d_sae // 4, self.d_sae // 2, self.d_sae]}")
-        if self.architecture == "jumprelu":
-            if self.jumprelu_bandwidth <= 0:
-                raise MonoscopeError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
-            if self.target_l0 is not None and self.target_l0 <= 0:
-                raise MonoscopeError(f"target_l0 must be > 0 (or unset), got {self.target_l0}")
-        if not 0 < self.batchtopk_threshold_rate <= 1:
-            raise MonoscopeError(f"batchtopk_threshold_rate must be in (0, 1], got {self.batchtopk_threshold_rate}")
+        cls.check_config(self)
+
+
+def require_non_negative(cfg: SAEConfig, name: str) -> None:
+    """Raise unless ``cfg.<name>`` is a finite number ≥ 0 (penalty coefficients)."""
+    v = getattr(cfg, name)
+    if not (math.isfinite(v) and v >= 0):
+        raise MonoscopeError(f"{name} must be a finite number ≥ 0, got {v}; a negative penalty rewards density")
 
 
 @dataclass
@@ -124,8 +129,12 @@ class TrainOutput:
 
 
 def register(name: str):
-    """Class decorator: make an architecture buildable by name."""
+    """Class decorator: make an architecture buildable by name (and known to io, sweep, train, stats)."""
     def wrap(cls: type[SAE]) -> type[SAE]:
+        if not cls.saelens_architecture or not cls.sweep_knobs:
+            raise TypeError(f"SAE architecture {name!r} must set saelens_architecture and sweep_knobs")
+        if name in REGISTRY:
+            raise TypeError(f"SAE architecture {name!r} is registered twice")
         cls.architecture = name
         REGISTRY[name] = cls
         return cls
@@ -135,9 +144,6 @@ def register(name: str):
 def build_sae(cfg: SAEConfig) -> "SAE":
     """Construct a freshly initialised SAE of ``cfg.architecture``."""
     cfg.validate()
-    if cfg.architecture not in REGISTRY:  # pragma: no cover - every listed name is registered
-        raise MonoscopeError(f"architecture {cfg.architecture!r} is not registered; "
-                             f"valid names are: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[cfg.architecture](cfg)
 
 
@@ -186,15 +192,49 @@ def _flatten(x: Tensor, d: int) -> tuple[Tensor, tuple[int, ...]]:
 class SAE(nn.Module):
     """Base SAE: parameters, dense encode/decode and the hooks the trainer calls around each step.
 
-    Subclasses set ``unit_norm_decoder`` (decoder rows kept at norm 1: the gradient component along each
-    row is removed before the step and rows are renormalised after it) and ``median_init`` (b_dec starts
-    at the geometric median of a data sample).
+    What an architecture declares about itself (class attributes, read by the rest of the package):
+
+    - ``unit_norm_decoder``: decoder rows kept at norm 1 (the gradient component along each row is removed
+      before the step and rows are renormalised after it);
+    - ``median_init``: b_dec starts at the geometric median of a data sample;
+    - ``default_decoder_norm``: initial decoder row norm when ``cfg.decoder_init_norm`` is unset;
+    - ``saelens_architecture``: the SAELens architecture it is saved as (its inference form), and
+      ``saelens_exact``: whether that form is the whole model, so a plain SAELens folder of that
+      architecture loads as this class (false for BatchTopK/Matryoshka, saved as JumpReLU);
+    - ``sweep_knobs``: the SAEConfig fields a sweep varies, in order of preference (the first one the
+      sweep has values for is used);
+    - ``has_sparse_encode``: ``encode_sparse(x)`` returns (vals, idx) [N, k] with a fixed k per token;
+    - ``defaults``: values of the SAEConfig settings it reads, used where a config leaves them None.
+
+    and ``check_config`` validates the settings it reads.
     """
 
     architecture: ClassVar[str] = ""
     unit_norm_decoder: ClassVar[bool] = False
     median_init: ClassVar[bool] = False
     default_decoder_norm: ClassVar[float] = 1.0
+    saelens_architecture: ClassVar[str] = ""
+    saelens_exact: ClassVar[bool] = True
+    sweep_knobs: ClassVar[tuple[str, ...]] = ()
+    has_sparse_encode: ClassVar[bool] = False
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Raise a MonoscopeError for a bad architecture-specific setting (d_in/d_sae are already checked)."""
+
+    @classmethod
+    def saelens_fields(cls, cfg: SAEConfig) -> dict[str, Any]:
+        """Architecture-specific keys of the SAELens cfg.json written for this SAE."""
+        return {}
+
+    @classmethod
+    def config_from_saelens(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        """Architecture-specific SAEConfig settings read from a plain SAELens cfg.json."""
+        return {}
+
+    def after_saelens_load(self, raw: dict[str, Any]) -> None:
+        """Adjust weights just loaded from a plain SAELens folder (e.g. fold a SAELens-only option in)."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from monoscope.errors import MonoscopeError
 from monoscope.sae.base import register
 from monoscope.sae.topk import TopKSAE
 
@@ -41,6 +42,21 @@ def batch_topk_indices(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
 @register("batchtopk")
 class BatchTopKSAE(TopKSAE):
     """TopK with batch-wide selection; AuxK, unit-norm decoder and median init as for TopK."""
+
+    saelens_architecture = "jumprelu"  # its inference form
+    saelens_exact = False
+    has_sparse_encode = False  # a variable number of latents per token at inference
+    defaults = {**TopKSAE.defaults, "batchtopk_threshold_rate": 0.01}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if not 0 < cfg.batchtopk_threshold_rate <= 1:
+            raise MonoscopeError(f"batchtopk_threshold_rate must be in (0, 1], got {cfg.batchtopk_threshold_rate}")
+
+    @classmethod
+    def saelens_fields(cls, cfg) -> dict:
+        return {}
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -11,6 +11,7 @@ Nothing is ever unpickled: npz files are opened with ``allow_pickle=False``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,14 +27,10 @@ from safetensors.torch import save_file
 from monoscope.artifacts import fsync_dir
 from monoscope.config import from_dict
 from monoscope.errors import MonoscopeError
-from monoscope.sae.base import SAE, SAEConfig, build_sae
+from monoscope.sae.base import REGISTRY, SAE, SAEConfig, build_sae
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-# SAELens architecture name each of ours is saved as (its inference form).
-SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
-                "gated": "gated", "jumprelu": "jumprelu"}
-FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 # Marks the cfg.json as SAELens >= 6 format, so SAELens reads it without its pre-6 key conversion.
 SAELENS_FORMAT_VERSION = "6.0.0"
 LAYOUTS = ("a SAELens/monoscope folder (cfg.json + sae_weights.safetensors)",
@@ -51,7 +48,7 @@ def sae_cfg_dict(sae: SAE, extra_metadata: dict[str, Any] | None = None) -> dict
     import monoscope
 
     cfg = sae.cfg
-    arch = SAELENS_ARCH[cfg.architecture]
+    arch = type(sae).saelens_architecture
     metadata: dict[str, Any] = {
         "hook_name": cfg.hook_name,
         "model_name": cfg.model_name,
@@ -72,9 +69,7 @@ def sae_cfg_dict(sae: SAE, extra_metadata: dict[str, Any] | None = None) -> dict
         "reshape_activations": "none",
         "metadata": metadata,
     }
-    if arch == "topk":
-        out["k"] = cfg.k
-        out["rescale_acts_by_decoder_norm"] = False
+    out.update(type(sae).saelens_fields(cfg))
     return out
 
 
@@ -168,51 +163,77 @@ def _fill(sae: SAE, tensors: dict[str, torch.Tensor], where: str) -> SAE:
     return sae
 
 
-def _load_saelens(path: Path) -> SAE:
-    where = str(path / WEIGHTS_FILE)
+def from_saelens() -> dict[str, str]:
+    """SAELens architecture name -> ours, for the architectures whose saved form is the whole model."""
+    return {cls.saelens_architecture: name for name, cls in REGISTRY.items() if cls.saelens_exact}
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """``path`` parsed as a JSON object, or one MonoscopeError naming the file."""
     try:
-        raw = json.loads((path / CFG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise MonoscopeError(f"{path / CFG_FILE} is not valid JSON ({exc})") from exc
-    tensors = _read_safetensors(path / WEIGHTS_FILE)
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MonoscopeError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise MonoscopeError(f"{path} must hold a JSON object of SAE settings, got a {type(raw).__name__}")
+    return raw
+
+
+def _build(cfg: SAEConfig, where: Path) -> SAE:
+    """build_sae with the config file named in any error."""
+    try:
+        return build_sae(cfg)
+    except MonoscopeError as exc:
+        raise MonoscopeError(f"{where}: {exc}") from exc
+
+
+def _load_saelens(path: Path) -> SAE:
+    cfg_path, where = path / CFG_FILE, str(path / WEIGHTS_FILE)
+    raw = _read_json_object(cfg_path)
     meta = raw.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise MonoscopeError(f"{cfg_path}: 'metadata' must be a JSON object, got {meta!r}")
     ours = meta.get("monoscope_config")
     if ours is not None:
-        ours = dict(ours)
-        if isinstance(ours.get("matryoshka_widths"), list):
-            ours["matryoshka_widths"] = tuple(ours["matryoshka_widths"])
-        cfg = from_dict(SAEConfig, ours, where=str(path / CFG_FILE))
-        return _fill(build_sae(cfg), tensors, where)
+        cfg = _our_config(ours, cfg_path)
+        return _fill(_build(cfg, cfg_path), _read_safetensors(path / WEIGHTS_FILE), where)
 
     arch_name = raw.get("architecture", "standard")
-    if arch_name not in FROM_SAELENS:
-        raise MonoscopeError(f"{path / CFG_FILE}: SAELens architecture {arch_name!r} is not supported; "
-                             f"supported: {', '.join(FROM_SAELENS)}")
+    known = from_saelens()
+    if not isinstance(arch_name, str) or arch_name not in known:
+        raise MonoscopeError(f"{cfg_path}: SAELens architecture {arch_name!r} is not supported; "
+                             f"supported: {', '.join(known)}")
     norm = raw.get("normalize_activations", "none")
     if norm not in ("none", None, False):
-        raise MonoscopeError(f"{path / CFG_FILE}: normalize_activations={norm!r} is not folded into the weights; "
+        raise MonoscopeError(f"{cfg_path}: normalize_activations={norm!r} is not folded into the weights; "
                              f"fold it with SAELens (fold_activation_norm_scaling_factor) and save again")
     for key in ("d_in", "d_sae"):
-        if not isinstance(raw.get(key), int):
-            raise MonoscopeError(f"{path / CFG_FILE} lacks an integer {key!r}")
-    k = raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k") or 32
+        if not isinstance(raw.get(key), int) or isinstance(raw.get(key), bool):
+            raise MonoscopeError(f"{cfg_path}: {key!r} must be an integer, got {raw.get(key)!r}")
+    cls = REGISTRY[known[arch_name]]
     cfg = SAEConfig(
-        architecture=FROM_SAELENS[arch_name], d_in=raw["d_in"], d_sae=raw["d_sae"], k=int(k),
+        architecture=known[arch_name], d_in=raw["d_in"], d_sae=raw["d_sae"],
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
         hook_name=str(meta.get("hook_name") or raw.get("hook_name") or ""),
         model_name=str(meta.get("model_name") or raw.get("model_name") or ""),
+        **cls.config_from_saelens(raw, str(cfg_path)),
     )
-    if cfg.architecture == "jumprelu":
-        cfg.jumprelu_init_threshold = 0.0
-    sae = _fill(build_sae(cfg), tensors, where)
-    if cfg.architecture == "topk" and raw.get("rescale_acts_by_decoder_norm"):
-        # SAELens computes topk(z·‖d‖) and decodes (f/‖d‖)·W_dec; the same maps with the norms folded in.
-        with torch.no_grad():
-            n = sae.W_dec.norm(dim=1)
-            sae.W_enc.mul_(n)
-            sae.b_enc.mul_(n)
-            sae.W_dec.div_(n[:, None])
+    sae = _fill(_build(cfg, cfg_path), _read_safetensors(path / WEIGHTS_FILE), where)
+    sae.after_saelens_load(raw)
     return sae
+
+
+def _our_config(ours: Any, cfg_path: Path) -> SAEConfig:
+    """The SAEConfig saved in ``metadata.monoscope_config``, every field checked (type, presence)."""
+    if not isinstance(ours, dict):
+        raise MonoscopeError(f"{cfg_path}: metadata.monoscope_config must be a JSON object, got {ours!r}")
+    required = [f.name for f in dataclasses.fields(SAEConfig)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in ours]
+    if missing:
+        raise MonoscopeError(f"{cfg_path}: metadata.monoscope_config lacks {missing}; the file is incomplete, "
+                             f"save the SAE again")
+    return from_dict(SAEConfig, ours, where=str(cfg_path))
 
 
 def _gemma_scope(tensors: dict[str, torch.Tensor], where: str, model_name: str = "", hook_name: str = "") -> SAE:
@@ -229,7 +250,7 @@ def _gemma_scope(tensors: dict[str, torch.Tensor], where: str, model_name: str =
                              f"transcoders and crosscoders (output ≠ input) are not supported")
     cfg = SAEConfig(architecture="jumprelu", d_in=int(d_in), d_sae=int(d_sae), apply_b_dec_to_input=False,
                     jumprelu_init_threshold=0.0, model_name=model_name, hook_name=hook_name)
-    return _fill(build_sae(cfg), {k: v.float() for k, v in t.items()}, where)
+    return _fill(_build(cfg, Path(where)), {k: v.float() for k, v in t.items()}, where)
 
 
 def _load_gemma_scope_npz(path: Path) -> SAE:
@@ -247,10 +268,7 @@ def _load_gemma_scope_npz(path: Path) -> SAE:
 def _load_gemma_scope_2(path: Path) -> SAE:
     conf: dict[str, Any] = {}
     if (path / "config.json").exists():
-        try:
-            conf = json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise MonoscopeError(f"{path / 'config.json'} is not valid JSON ({exc})") from exc
+        conf = _read_json_object(path / "config.json")
         arch = conf.get("architecture", "jump_relu")
         if arch not in ("jump_relu", "jumprelu"):
             raise MonoscopeError(f"{path / 'config.json'}: architecture {arch!r} is not supported; "

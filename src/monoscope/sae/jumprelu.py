@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from monoscope.sae.base import SAE, TrainOutput, _flatten, dense_fired, register, sum_sq
+from monoscope.errors import MonoscopeError
+from monoscope.sae.base import SAE, TrainOutput, _flatten, dense_fired, register, require_non_negative, sum_sq
 
 
 def _rect(z: Tensor, theta: Tensor, eps: float) -> Tensor:
@@ -59,6 +60,21 @@ class JumpReLUSAE(SAE):
     # Residual streams have a large shared mean (Gemma: ~85% of E‖x‖²); starting b_dec at the geometric median
     # centres the input so thresholds and latents are spent on variation, not on rebuilding the mean.
     median_init = True
+    saelens_architecture = "jumprelu"
+    sweep_knobs = ("l0_coefficient", "target_l0")  # explicit L0 coefficients win over the target-L0 default
+    defaults = {"l0_coefficient": 1.0, "jumprelu_bandwidth": 0.001, "jumprelu_init_threshold": 0.001}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.jumprelu_bandwidth <= 0:
+            raise MonoscopeError(f"jumprelu_bandwidth must be > 0, got {cfg.jumprelu_bandwidth}")
+        if cfg.target_l0 is not None and cfg.target_l0 <= 0:
+            raise MonoscopeError(f"target_l0 must be > 0 (or unset), got {cfg.target_l0}")
+        require_non_negative(cfg, "l0_coefficient")
+
+    @classmethod
+    def config_from_saelens(cls, raw, where):
+        return {"jumprelu_init_threshold": 0.0}  # the file's thresholds replace it; 0 keeps validation quiet
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from monoscope.errors import MonoscopeError
 from monoscope.sae.base import register, sum_sq, total_variance
 from monoscope.sae.batchtopk import BatchTopKSAE
 from monoscope.sae.topk import sparse_decode
@@ -17,6 +18,14 @@ from monoscope.sae.topk import sparse_decode
 
 @register("matryoshka")
 class MatryoshkaSAE(BatchTopKSAE):
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        ws = cfg.widths_resolved
+        if list(ws) != sorted(set(ws)) or ws[0] < 1 or ws[-1] != cfg.d_sae:
+            raise MonoscopeError(f"matryoshka_widths {list(ws)} must be strictly increasing, positive and end at "
+                                 f"d_sae={cfg.d_sae}, e.g. {[cfg.d_sae // 4, cfg.d_sae // 2, cfg.d_sae]}")
+
     def _recon_loss(self, x: Tensor, vals: Tensor, idx: Tensor, fvu: Tensor):
         tv = total_variance(x)
         partial = None

@@ -11,13 +11,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from monoscope.sae.base import SAE, TrainOutput, _flatten, dense_fired, register, sum_sq
+from monoscope.sae.base import SAE, TrainOutput, _flatten, dense_fired, register, require_non_negative, sum_sq
 
 
 @register("relu")
 class ReLUSAE(SAE):
     default_decoder_norm = 0.1
     median_init = True
+    saelens_architecture = "standard"
+    sweep_knobs = ("l1_coefficient",)
+    defaults = {"l1_coefficient": 5.0}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        require_non_negative(cfg, "l1_coefficient")
 
     def __init__(self, cfg):
         super().__init__(cfg)

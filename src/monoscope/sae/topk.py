@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from monoscope.errors import MonoscopeError
 from monoscope.sae.base import SAE, TrainOutput, register, sum_sq, total_variance, _flatten
 
 Selector = Callable[[Tensor], "tuple[Tensor, Tensor | None]"]
@@ -158,6 +159,38 @@ class TopKSAE(SAE):
 
     unit_norm_decoder = True
     median_init = True
+    saelens_architecture = "topk"
+    sweep_knobs = ("k",)
+    has_sparse_encode = True
+    defaults = {"k": 32, "aux_coefficient": 1 / 32}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if not 1 <= cfg.k <= cfg.d_sae:
+            raise MonoscopeError(f"k={cfg.k} must be between 1 and d_sae={cfg.d_sae}; lower k or widen the SAE")
+        if cfg.aux_k is not None and cfg.aux_k < 1:
+            raise MonoscopeError(f"aux_k={cfg.aux_k} must be ≥ 1 (or unset for d_in // 2)")
+
+    @classmethod
+    def saelens_fields(cls, cfg) -> dict:
+        return {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def config_from_saelens(cls, raw, where):
+        k = raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k")
+        if not (isinstance(k, int) and not isinstance(k, bool)):
+            raise MonoscopeError(f"{where}: a topk SAE needs an integer 'k', got {k!r}")
+        return {"k": k}
+
+    @torch.no_grad()
+    def after_saelens_load(self, raw) -> None:
+        """SAELens's rescale_acts_by_decoder_norm computes topk(z·‖d‖) and decodes (f/‖d‖)·W_dec; fold the
+        norms into W_enc, b_enc and W_dec so the plain TopK maps compute the same."""
+        if raw.get("rescale_acts_by_decoder_norm"):
+            n = self.W_dec.norm(dim=1)
+            self.W_enc.mul_(n)
+            self.b_enc.mul_(n)
+            self.W_dec.div_(n[:, None])
 
     def __init__(self, cfg):
         super().__init__(cfg)
