@@ -359,6 +359,14 @@ def test_server_static_api_and_guards(server, site):
     assert _request(port, "POST", "/api/activations", body, evil_host)[0] == 403
 
 
+def test_server_answers_400_to_a_lone_surrogate(server):
+    port = server["port"]
+    for body in ('{"text": "\\ud800"}', '{"text": "a\\udfffb", "top_n": 2}'):
+        status, data, _ = _request(port, "POST", "/api/activations", body, {"Content-Type": "application/json"})
+        assert status == 400 and b"surrogate" in data, body
+    assert _request(port, "GET", "/api/info")[0] == 200  # the server is still up
+
+
 def test_activations_for_text_matches_manual(server):
     import torch
 

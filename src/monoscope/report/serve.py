@@ -167,6 +167,10 @@ class BrowserHandler(SimpleHTTPRequestHandler):
                 raise ValueError
         except (ValueError, UnicodeDecodeError):
             return self._json(HTTPStatus.BAD_REQUEST, {"error": 'expected a JSON object like {"text": "..."}'})
+        try:
+            str(body.get("text", "")).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ('\ud800') is valid JSON but no text a tokenizer can read
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": "the text holds an unpaired surrogate; send UTF-8 text"})
         if not self.app.live:
             return self._json(HTTPStatus.SERVICE_UNAVAILABLE, {
                 "error": "live search is off: start `monoscope serve` with --sae (or --model for neurons)"})
