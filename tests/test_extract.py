@@ -124,3 +124,14 @@ def test_real_gemma_extraction(tmp_path):
     norms = x.norm(dim=1)
     # BOS (norm in the thousands) is excluded, so no row is an extreme outlier.
     assert norms.max() < 20 * norms.median()
+
+
+def test_failed_extraction_leaves_nothing_that_blocks_the_rerun(tmp_path, corpus_file):
+    short = tmp_path / "short.txt"
+    short.write_text("a few words\n")
+    out = tmp_path / "store"
+    with pytest.raises(MonoscopeError, match="one context"):
+        extract(_cfg(short, context_length=512, tokens=100), out)
+    assert not out.exists()
+    store = extract(_cfg(corpus_file), out)  # the corrected rerun into the same folder
+    assert store.num_rows >= 600

@@ -54,6 +54,15 @@ def _batched(iterable, n: int) -> Iterator[list]:
         yield chunk
 
 
+def _discard(writer: StoreWriter, out: Path, existed: bool) -> None:
+    """Nothing was extracted: remove the store this call created, so it cannot block the corrected rerun."""
+    writer.close()
+    if not existed and writer.contexts_done == 0:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def extract(cfg: ExtractConfig, out: str | Path, lm: LoadedModel | None = None,
             show_progress: bool | None = None) -> ActivationStore:
     """Extract activations into the store at ``out`` (resuming it if unfinished) and return a reader."""
@@ -80,6 +89,7 @@ def extract(cfg: ExtractConfig, out: str | Path, lm: LoadedModel | None = None,
         if previous is not None and previous != input_hash:
             raise MonoscopeError(f"{out} holds a store written with other settings (model, hooks, corpus, "
                                  f"tokens or context length differ); choose a new --out or delete it")
+    existed = out.exists()
     writer = StoreWriter.open(out, model=lm.name, model_fingerprint=lm.fingerprint,
                               hooks={p.name: p.width for p in points}, dtype=cfg.dtype,
                               shard_rows=cfg.shard_rows,
@@ -99,8 +109,13 @@ def extract(cfg: ExtractConfig, out: str | Path, lm: LoadedModel | None = None,
                        desc=f"extract {', '.join(names)}", enable=show_progress)
     context_index = writer.contexts_done
     started = time.perf_counter()
+    try:
+        first = next(_batched(contexts, cfg.batch_size), [])  # packing fails here when the corpus is too short
+    except MonoscopeError:
+        _discard(writer, out, existed)
+        raise
     with torch.inference_mode():
-        for batch in _batched(contexts, cfg.batch_size):
+        for batch in itertools.chain([first] if first else [], _batched(contexts, cfg.batch_size)):
             ids = torch.tensor([c.token_ids for c in batch], dtype=torch.long)
             acts = run_with_capture(lm.model, names, ids.to(device))
             keep = torch.ones_like(ids, dtype=torch.bool)
@@ -118,6 +133,7 @@ def extract(cfg: ExtractConfig, out: str | Path, lm: LoadedModel | None = None,
             bar.update(int(keep.sum()))
     bar.close()
     if context_index == 0:
+        _discard(writer, out, existed)
         raise MonoscopeError(f"corpus {cfg.corpus!r} ({cfg.split} split) is too small for one context of "
                              f"{cfg.context_length} tokens; lower --context-length or use more text")
     writer.finish({"seconds": round(time.perf_counter() - started, 2)})
