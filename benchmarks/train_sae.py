@@ -10,7 +10,8 @@ activations, scaled by the same constant (E‖s·x‖² = d). Reported per conte
   FVU        on the same first --eval-rows rows, 1 − Σ‖x − x̂‖² / Σ‖x − μ‖² (global mean)
   peak frac  tokens/s × 12·d·m (dense-equivalent fwd+bwd FLOPs per token) / fp32 matmul peak measured
              here with torch.mm at the encoder's shape; monoscope's sparse backward can exceed 1.
-SAELens runs in its own interpreter (default /work/venv-saelens/bin/python) so its pins do not touch ours;
+SAELens runs in its own interpreter (default: the venv that `scripts/setup.sh dev` puts in the
+monoscope cache, $MONOSCOPE_CACHE/venv-saelens) so its pins do not touch ours;
 without it the script says so and prints monoscope's numbers only. The store is extracted once if missing.
 """
 from __future__ import annotations
@@ -117,7 +118,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--eval-rows", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = default)")
-    ap.add_argument("--saelens-python", default="/work/venv-saelens/bin/python")
+    from monoscope.models import cache_dir
+
+    ap.add_argument("--saelens-python", default=str(cache_dir() / "venv-saelens" / "bin" / "python"),
+                    help="SAELens's interpreter (default: the venv `scripts/setup.sh dev` makes in the monoscope cache)")
     ap.add_argument("--skip-saelens", action="store_true")
     args = ap.parse_args()
     if args.threads:
