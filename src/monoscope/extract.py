@@ -63,6 +63,30 @@ def _discard(writer: StoreWriter, out: Path, existed: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _append_batches(writer: StoreWriter, contexts, lm: LoadedModel, names: list[str], cfg: ExtractConfig,
+                    bar) -> int:
+    """Run the model over ``contexts`` batch by batch and append the kept rows; return the next context index."""
+    pad_id = lm.tokenizer.pad_token_id
+    context_index = writer.contexts_done
+    for batch in _batched(contexts, cfg.batch_size):
+        ids = torch.tensor([c.token_ids for c in batch], dtype=torch.long)
+        acts = run_with_capture(lm.model, names, ids.to(lm.device))
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        if not cfg.keep_bos and lm.bos_token_id is not None:
+            keep[:, 0] = ids[:, 0] != lm.bos_token_id
+        if pad_id is not None:
+            keep &= ids != pad_id
+        doc_ids = torch.tensor([c.doc_index for c in batch], dtype=torch.long)
+        positions = torch.tensor([c.positions for c in batch], dtype=torch.long)
+        context_ids = torch.arange(context_index, context_index + len(batch)).unsqueeze(1).expand_as(ids)
+        writer.append({n: a[keep.to(a.device)].to("cpu", torch.float32) for n, a in acts.items()},
+                      token_ids=ids[keep], doc_ids=doc_ids[keep], positions=positions[keep],
+                      context_ids=context_ids[keep])
+        context_index += len(batch)
+        bar.update(int(keep.sum()))
+    return context_index
+
+
 def extract(cfg: ExtractConfig, out: str | Path, lm: LoadedModel | None = None,
             show_progress: bool | None = None) -> ActivationStore:
     """Extract activations into the store at ``out`` (resuming it if unfinished) and return a reader."""
@@ -103,38 +127,19 @@ def extract(cfg: ExtractConfig, out: str | Path, lm: LoadedModel | None = None,
                                         max_tokens=n_contexts * cfg.context_length)
     contexts = itertools.islice(contexts, writer.contexts_done, None)
     names = [p.name for p in points]
-    pad_id = lm.tokenizer.pad_token_id
-    device = lm.device
     bar = progress_bar(total=n_contexts * rows_per_context, initial=writer.rows_done, unit="tok",
                        desc=f"extract {', '.join(names)}", enable=show_progress)
-    context_index = writer.contexts_done
     started = time.perf_counter()
     try:
-        first = next(_batched(contexts, cfg.batch_size), [])  # packing fails here when the corpus is too short
-    except MonoscopeError:
+        with torch.inference_mode():
+            context_index = _append_batches(writer, contexts, lm, names, cfg, bar)
+        if context_index == 0:
+            raise MonoscopeError(f"corpus {cfg.corpus!r} ({cfg.split} split) is too small for one context of "
+                                 f"{cfg.context_length} tokens; lower --context-length or use more text")
+    except MonoscopeError:  # e.g. packing found too few tokens: leave no empty store behind
         _discard(writer, out, existed)
         raise
-    with torch.inference_mode():
-        for batch in itertools.chain([first] if first else [], _batched(contexts, cfg.batch_size)):
-            ids = torch.tensor([c.token_ids for c in batch], dtype=torch.long)
-            acts = run_with_capture(lm.model, names, ids.to(device))
-            keep = torch.ones_like(ids, dtype=torch.bool)
-            if not cfg.keep_bos and lm.bos_token_id is not None:
-                keep[:, 0] = ids[:, 0] != lm.bos_token_id
-            if pad_id is not None:
-                keep &= ids != pad_id
-            doc_ids = torch.tensor([c.doc_index for c in batch], dtype=torch.long)
-            positions = torch.tensor([c.positions for c in batch], dtype=torch.long)
-            context_ids = torch.arange(context_index, context_index + len(batch)).unsqueeze(1).expand_as(ids)
-            writer.append({n: a[keep.to(a.device)].to("cpu", torch.float32) for n, a in acts.items()},
-                          token_ids=ids[keep], doc_ids=doc_ids[keep], positions=positions[keep],
-                          context_ids=context_ids[keep])
-            context_index += len(batch)
-            bar.update(int(keep.sum()))
-    bar.close()
-    if context_index == 0:
-        _discard(writer, out, existed)
-        raise MonoscopeError(f"corpus {cfg.corpus!r} ({cfg.split} split) is too small for one context of "
-                             f"{cfg.context_length} tokens; lower --context-length or use more text")
+    finally:
+        bar.close()
     writer.finish({"seconds": round(time.perf_counter() - started, 2)})
     return ActivationStore(out)

@@ -138,8 +138,7 @@ def check_settings(cfg: RunConfig) -> None:
 
 
 def _check_names(cfg: RunConfig) -> None:
-    """Probing datasets, explanation scores and the backend spec: known names only."""
-    from monoscope.interpret.autointerp import SCORES
+    """Probing datasets, explanation settings and the backend spec: known names only."""
     from monoscope.interpret.backends import make_backend
     from monoscope.probing.datasets import list_datasets
 
@@ -149,9 +148,7 @@ def _check_names(cfg: RunConfig) -> None:
     for name in cfg.probe_datasets:
         if name not in known:
             raise MonoscopeError(f"unknown probing dataset {name!r}; see `monoscope datasets` for valid names")
-    bad = [s for s in cfg.explain_scores if s not in SCORES]
-    if bad:
-        raise MonoscopeError(f"unknown explanation score(s) {bad}; choose from {', '.join(SCORES)}")
+    _explain_config(cfg)  # ExplainConfig checks the scores (the sizes are checked above under the run's names)
     if cfg.explain_backend and not cfg.explain_backend.startswith("hf:"):
         make_backend(cfg.explain_backend)  # a malformed or scheme-less endpoint fails here, before any work
 
@@ -360,16 +357,16 @@ def _report_stage(c: _Context, inputs: list[Stage]) -> Stage:
     from monoscope.interpret.steering_demo import SteeringDemo
     from monoscope.report.findings import write_report
 
-    out = c.run.out
+    out, versions = c.run.out, library_versions()
     views = {s.name: s.view() for s in inputs}
 
     def body(folder: Path) -> dict:
-        steering = SteeringDemo.load(c.run.stages["steer"]["demo"]).to_dict()
+        steering = SteeringDemo.load(views["steer"]["demo"]).to_dict()
         path = write_report(out, cfg=c.cfg, plan=c.plan, lm=c.lm, ext=views["extract"], saes=views["saes"],
                             probe=views["probe"], stats=views["stats"], explained=views["explain"],
-                            steering=steering, timings=c.run.timings, versions=library_versions())
+                            steering=steering, timings=c.run.timings, versions=versions)
         return {"report": path, "browser": out / "browser", "browser_neurons": out / "browser_neurons"}
-    return c.run.stage("report", [to_dict(c.cfg), library_versions(), c.run.timings], inputs, body)
+    return c.run.stage("report", [to_dict(c.cfg), versions, c.run.timings], inputs, body)
 
 
 def _warm_probe_cache(c: _Context, hooks: list[str]) -> None:

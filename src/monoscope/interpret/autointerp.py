@@ -738,17 +738,19 @@ def setup_explain(p):
         cfg = from_namespace(ExplainConfig, ns)
         features = ns.features if ns.features else top_features(ns.stats, ns.top_n)
         out = ns.out or str(Path(ns.stats) / "explanations.jsonl")
-        earlier = [r for f, r in read_results(out).items() if f in set(features)]
-        if not_ok(earlier) and not cfg.retry_failed:
-            print(f"explain: {len(not_ok(earlier))} of {len(earlier)} earlier records in {out} are not ok "
+        wanted = set(features)
+        earlier = [r for f, r in read_results(out).items() if f in wanted]
+        kept = not_ok(earlier)
+        if kept and not cfg.retry_failed:
+            print(f"explain: {len(kept)} of {len(earlier)} earlier records in {out} are not ok "
                   "and are kept as they are; --retry-failed retries them", file=sys.stderr)
         records = explain_features(ns.stats, features, None, out, cfg)
         for rec in records:
             scores = "  ".join(_summary(rec, s) for s in cfg.scores if isinstance(rec.get(s), dict))
             what = rec.get("explanation") or f"[{rec.get('status')}: {rec.get('failure')}]"
             print(f"{rec['feature']}\t{what}\t{scores}")
-        print(f"# {len(records) - len(not_ok(records))}/{len(records)} features ok; results in {out}")
         bad = not_ok(records)
+        print(f"# {len(records) - len(bad)}/{len(records)} features ok; results in {out}")
         if bad:
             print(f"explain: {len(bad)} of {len(records)} features not ok ({bad[0].get('failure')}); "
                   "rerun with --retry-failed after fixing the endpoint", file=sys.stderr)
