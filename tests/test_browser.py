@@ -276,7 +276,8 @@ def test_cli_functions(site, tmp_path, capsys):
     import argparse
 
     from monoscope.report.browser import setup_browser
-    from monoscope.report.serve import setup_serve
+    from monoscope.config import from_namespace
+    from monoscope.report.serve import ServeConfig, setup_serve
 
     p = argparse.ArgumentParser()
     run = setup_browser(p)
@@ -285,7 +286,7 @@ def test_cli_functions(site, tmp_path, capsys):
     p = argparse.ArgumentParser()
     run = setup_serve(p)
     ns = p.parse_args([str(tmp_path / "nothing"), "--port", "0"])
-    assert ns.host == "127.0.0.1"
+    assert from_namespace(ServeConfig, ns).host == "127.0.0.1"  # this machine only, unless asked
     with pytest.raises(MonoscopeError, match="no index.html"):
         run(ns)
 

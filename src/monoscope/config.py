@@ -37,28 +37,34 @@ def _parse_bool(text: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--flag`` per field of dataclass ``cls`` (underscores become dashes)."""
+    """Add one ``--flag`` per field of dataclass ``cls`` (underscores become dashes). A field without a default
+    is a required flag; ``metadata={"choices": ...}`` limits its values; a list field with
+    ``metadata={"repeat": True}`` takes one value per flag (``--feature 1 --feature 2``), so a positional
+    argument may follow it."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or f.metadata.get("cli") is False:
             continue
         tp = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (
+            f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
         helptext = f.metadata.get("help", "")
-        if "default" not in helptext:  # a help text may already say what its default means
+        if not required and "default" not in helptext:  # a help text may already say what its default means
             helptext = f"{helptext} (default: {default})" if helptext else f"default: {default}"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": helptext, "required": required}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
         origin = typing.get_origin(tp)
         if tp is bool:
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
-                                metavar="BOOL", help=helptext)
-        elif origin in (list, tuple):
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL", **kwargs)
+        elif origin in (list, tuple):  # --flag A B C, or --flag A --flag B when the field asks for "repeat"
             inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
-            parser.add_argument(flag, type=inner, nargs="+", default=argparse.SUPPRESS, help=helptext)
+            many = {"action": "append"} if f.metadata.get("repeat") else {"nargs": "+"}
+            parser.add_argument(flag, type=inner, **many, **kwargs)
         else:
-            parser.add_argument(flag, type=tp if tp in (int, float, str) else str,
-                                default=argparse.SUPPRESS, help=helptext)
+            parser.add_argument(flag, type=tp if tp in (int, float, str) else str, **kwargs)
 
 
 def from_namespace(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from monoscope.artifacts import library_versions, now_iso, write_json
+from monoscope.config import add_arguments, from_namespace, to_dict
 from monoscope.errors import MonoscopeError
 from monoscope.progress import progress_bar
 from monoscope.sae.compat import check_sae_fits
@@ -278,21 +280,27 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class EvalConfig:
+    """Flags of ``monoscope evaluate`` (the SAE folder is its one positional argument); the keyword arguments
+    of ``evaluate_sae``."""
+    store: str = field(metadata={"help": "activation store to evaluate on (ideally held-out text)"})
+    hook: str | None = field(default=None, metadata={"help": "hook in the store (default: the SAE's hook)"})
+    max_tokens: int = field(default=200_000, metadata={"help": "activation rows used"})
+    lm_contexts: int = field(default=64, metadata={"help": "contexts for the spliced-LM loss; 0 skips the LM"})
+    batch_size: int = field(default=2048, metadata={"help": "rows per SAE batch"})
+    lm_batch_size: int = field(default=4, metadata={"help": "contexts per LM forward"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+
+
 def setup_evaluate(p: argparse.ArgumentParser):
     """`monoscope evaluate SAE --store DIR`: print the metrics and save them as SAE/eval.json."""
     p.add_argument("sae", help="SAE folder (cfg.json + sae_weights.safetensors)")
-    p.add_argument("--store", required=True, help="activation store to evaluate on (ideally held-out text)")
-    p.add_argument("--hook", default=None, help="hook in the store (default: the SAE's hook)")
-    p.add_argument("--max-tokens", type=int, default=200_000, help="activation rows used (default: 200000)")
-    p.add_argument("--lm-contexts", type=int, default=64,
-                   help="contexts for the spliced-LM loss; 0 skips the LM (default: 64)")
-    p.add_argument("--batch-size", type=int, default=2048, help="rows per SAE batch (default: 2048)")
-    p.add_argument("--lm-batch-size", type=int, default=4, help="contexts per LM forward (default: 4)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_arguments(p, EvalConfig)
 
     def run(ns):
-        m = evaluate_sae(ns.sae, ns.store, max_tokens=ns.max_tokens, lm_contexts=ns.lm_contexts,
-                         batch_size=ns.batch_size, hook=ns.hook, lm_batch_size=ns.lm_batch_size, device=ns.device)
+        options = to_dict(from_namespace(EvalConfig, ns))
+        m = evaluate_sae(ns.sae, options.pop("store"), **options)
         print(format_metrics(m))
         print(f"saved {Path(ns.sae) / EVAL_FILE}")
     return run

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -290,28 +291,39 @@ def format_table(result: dict, rows: int = 10) -> str:
 
 
 
+@dataclass
+class SpecificityConfig:
+    """Flags of ``monoscope specificity``."""
+    sae: str = field(metadata={"help": "SAE folder"})
+    dataset: tuple[str, ...] = field(metadata={
+        "help": "built-in probing datasets (see `monoscope datasets`) or .csv/.jsonl files (text,label)"})
+    out: str = field(metadata={"help": "folder for specificity.json, specificity.csv and plots"})
+    model: str | None = field(default=None, metadata={
+        "help": "model to load (default: the model the SAE was trained on)"})
+    top_n: int = field(default=20, metadata={"help": "features kept per dataset"})
+    max_examples: int = field(default=MAX_EXAMPLES, metadata={"help": "examples per dataset (balanced)"})
+    rank_by: str = field(default="auc", metadata={"choices": RANK_BY, "help": "rank by ROC-AUC or by precision@n"})
+    precision_at: int | None = field(default=None, metadata={
+        "help": "n of precision@n (default: the number of positives of each dataset)"})
+    batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example"})
+    seed: int = 0
+    device: str = "cpu"
+
+
 def setup_specificity(p):
     """``monoscope specificity --sae DIR --dataset NAME [NAME ...] --out DIR``."""
-    p.add_argument("--sae", required=True, help="SAE folder")
-    p.add_argument("--dataset", nargs="+", required=True,
-                   help="built-in probing datasets (see `monoscope datasets`) or .csv/.jsonl files (text,label)")
-    p.add_argument("--out", required=True, help="folder for specificity.json, specificity.csv and plots")
-    p.add_argument("--model", default=None, help="model to load (default: the model the SAE was trained on)")
-    p.add_argument("--top-n", type=int, default=20, help="features kept per dataset")
-    p.add_argument("--max-examples", type=int, default=MAX_EXAMPLES, help="examples per dataset (balanced)")
-    p.add_argument("--rank-by", choices=RANK_BY, default="auc", help="rank by ROC-AUC or by precision@n")
-    p.add_argument("--precision-at", type=int, default=None,
-                   help="n of precision@n (default: the number of positives of each dataset)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example")
-    p.add_argument("--device", default="cpu")
+    from monoscope.config import add_arguments
+
+    add_arguments(p, SpecificityConfig)
 
     def run(ns):
         from monoscope.artifacts import read_json
+        from monoscope.config import from_namespace, to_dict
 
-        path = run_specificity(ns.sae, ns.dataset, ns.out, lm=ns.model, top_n=ns.top_n, max_examples=ns.max_examples,
-                               rank_by=ns.rank_by, precision_at=ns.precision_at, batch_size=ns.batch_size,
-                               max_length=ns.max_length, device=ns.device)
+        options = to_dict(from_namespace(SpecificityConfig, ns))
+        path = run_specificity(options.pop("sae"), options.pop("dataset"), options.pop("out"),
+                               lm=options.pop("model"), **options)
         for result in read_json(path)["datasets"].values():
             print(format_table(result) + "\n")
         print(f"wrote {path}")

@@ -19,7 +19,7 @@ import math
 import re
 import shutil
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -353,7 +353,7 @@ def screen_features(lm, sae, features: Sequence[int], values: Sequence[float], k
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-def _pair_up(features: list[int], values: list[float] | None, modes: list[str] | None) -> list[Intervention]:
+def _pair_up(features: list[int], values: list[float], modes: list[str]) -> list[Intervention]:
     """--feature/--value/--mode lists: one value (or mode) applies to every feature, else one each."""
     def spread(items, default, what):
         if not items:
@@ -383,33 +383,48 @@ def print_side_by_side(pairs: list[dict[str, str]], prompt: str, width: int | No
             print(f"{a:<{col}} | {b}")
 
 
+@dataclass
+class SteerConfig:
+    """Flags of ``monoscope steer`` (the prompt is its one positional argument)."""
+    sae: str = field(metadata={"help": "SAE folder"})
+    feature: tuple[int, ...] = field(metadata={"repeat": True, "help": "latent to steer (repeatable)"})
+    value: tuple[float, ...] = field(default=(), metadata={
+        "repeat": True, "help": "clamp value / added coefficient: one for all features or one per --feature "
+                                "(default: 0)"})
+    mode: tuple[str, ...] = field(default=(), metadata={
+        "repeat": True, "choices": MODES,
+        "help": "clamp, add or ablate: one for all features or one per --feature (default: clamp)"})
+    model: str | None = field(default=None, metadata={
+        "help": "model to load (default: the model the SAE was trained on)"})
+    max_new_tokens: int = field(default=40, metadata={"help": "tokens generated per continuation"})
+    samples: int = field(default=1, metadata={"help": "continuations per arm"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
+    seed: int = 0
+    device: str = "cpu"
+
+
 def setup_steer(p):
     """``monoscope steer --sae DIR --feature 123 --value 8 [--mode clamp|add|ablate] ... "prompt"``."""
+    from monoscope.config import add_arguments
+
     p.add_argument("prompt", help="text to continue")
-    p.add_argument("--sae", required=True, help="SAE folder")
-    p.add_argument("--feature", type=int, action="append", required=True, help="latent to steer (repeatable)")
-    p.add_argument("--value", type=float, action="append", help="clamp value / added coefficient (one or one per feature)")
-    p.add_argument("--mode", action="append", choices=MODES, help="clamp (default), add or ablate (one or one per feature)")
-    p.add_argument("--model", default=None, help="model to load (default: the model the SAE was trained on)")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--samples", type=int, default=1, help="continuations per arm")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    add_arguments(p, SteerConfig)
 
     def run(ns):
+        from monoscope.config import from_namespace
         from monoscope.models import load_model
         from monoscope.sae.io import load_sae
 
-        sae = load_sae(ns.sae)
-        name = ns.model or sae.cfg.model_name
+        cfg = from_namespace(SteerConfig, ns)
+        sae = load_sae(cfg.sae)
+        name = cfg.model or sae.cfg.model_name
         if not name:
             raise MonoscopeError("the SAE does not record its model; pass --model")
-        ivs = _pair_up(ns.feature, ns.value, ns.mode)
-        lm = load_model(name, device=ns.device)
+        ivs = _pair_up(list(cfg.feature), list(cfg.value), list(cfg.mode))
+        lm = load_model(name, device=cfg.device)
         sae.to(lm.device)
-        pairs = generate_side_by_side(lm, sae, ns.prompt, ivs, max_new_tokens=ns.max_new_tokens,
-                                      n_samples=ns.samples, seed=ns.seed, temperature=ns.temperature)
+        pairs = generate_side_by_side(lm, sae, ns.prompt, ivs, max_new_tokens=cfg.max_new_tokens,
+                                      n_samples=cfg.samples, seed=cfg.seed, temperature=cfg.temperature)
         print("steering: " + ", ".join(f"{iv.mode} #{iv.feature}" + ("" if iv.mode == "ablate" else f" = {iv.value:g}")
                                        for iv in ivs))
         print_side_by_side(pairs, ns.prompt)

@@ -453,18 +453,26 @@ def _feature_context(fd: FeatureData, rec: dict | None, scores: dict, stats: Sta
 
 
 # =============================================================================================== CLI
+@dataclass
+class BrowserConfig:
+    """Flags of ``monoscope browser``; the arguments of ``build_browser``."""
+    stats: str = field(metadata={"help": "feature-statistics folder (monoscope stats)"})
+    out: str = field(metadata={"help": "folder to write the site into (replaced atomically)"})
+    title: str | None = field(default=None, metadata={"help": "page title (default: model · hook)"})
+    explanations: str | None = field(default=None, metadata={
+        "help": "autointerp results (JSON lines; default: STATS/explanations.jsonl when present)"})
+    max_features: int | None = field(default=None, metadata={"help": "only the first N features get pages"})
+
+
 def setup_browser(p):
     """Flags of ``monoscope browser``; returns the function that runs it."""
-    p.add_argument("--stats", required=True, help="feature-statistics folder (monoscope stats)")
-    p.add_argument("--out", required=True, help="folder to write the site into (replaced atomically)")
-    p.add_argument("--title", default=None, help="page title (default: model · hook)")
-    p.add_argument("--explanations", default=None,
-                   help="autointerp results (JSON lines; default: STATS/explanations.jsonl when present)")
-    p.add_argument("--max-features", type=int, default=None, help="only the first N features get pages")
+    from monoscope.config import add_arguments, from_namespace, to_dict
+
+    add_arguments(p, BrowserConfig)
 
     def run(ns):
-        out = build_browser(ns.stats, ns.out, title=ns.title, explanations=ns.explanations,
-                            max_features=ns.max_features)
+        options = to_dict(from_namespace(BrowserConfig, ns))
+        out = build_browser(options.pop("stats"), options.pop("out"), **options)
         n = read_json(out / SIDE_CAR)["n_pages"]
         print(f"wrote {n} pages to {out}; open {out / 'index.html'} or run `monoscope serve {out}`")
     return run

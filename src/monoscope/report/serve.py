@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -247,33 +248,42 @@ def serve(browser_folder: str | os.PathLike, host: str = "127.0.0.1", port: int 
         server.server_close()
 
 
+@dataclass
+class ServeConfig:
+    """Flags of ``monoscope serve`` (the browser folder is its one positional argument)."""
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (default: 127.0.0.1, this machine only)"})
+    port: int = field(default=8000, metadata={"help": "port (default: 8000; 0 picks a free one)"})
+    sae: str | None = field(default=None, metadata={"help": "SAE folder: enables live search over its features"})
+    model: str | None = field(default=None, metadata={
+        "help": "model for live search (default: the SAE's model, else the browser's model when --sae is not "
+                "given and the browser shows neurons)"})
+    hook: str | None = field(default=None, metadata={"help": "hook point (default: the SAE's, else the browser's)"})
+    device: str = field(default="cpu", metadata={"help": "torch device for live search"})
+
+
 def setup_serve(p):
     """Flags of ``monoscope serve``; returns the function that runs it."""
+    from monoscope.config import add_arguments, from_namespace
+
     p.add_argument("folder", help="feature browser folder (monoscope browser)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    p.add_argument("--sae", default=None, help="SAE folder: enables live search over its features")
-    p.add_argument("--model", default=None,
-                   help="model for live search (default: the SAE's model, else the browser's model when --sae "
-                        "is not given and the browser shows neurons)")
-    p.add_argument("--hook", default=None, help="hook point (default: the SAE's, else the browser's)")
-    p.add_argument("--device", default="cpu", help="torch device for live search (default: cpu)")
+    add_arguments(p, ServeConfig)
 
     def run(ns):
+        cfg = from_namespace(ServeConfig, ns)
         folder = Path(ns.folder)
         meta = read_json(folder / "browser.json") if (folder / "browser.json").exists() else {}
         sae = lm = None
-        if ns.sae:
+        if cfg.sae:
             from monoscope.sae import load_sae
 
-            sae = load_sae(ns.sae, device=ns.device)
-        model_name = ns.model or (getattr(sae.cfg, "model_name", "") if sae is not None else "") or (
-            meta.get("model") if (sae is not None or meta.get("kind") == "neurons") and ns.model is None else None)
+            sae = load_sae(cfg.sae, device=cfg.device)
+        model_name = cfg.model or (getattr(sae.cfg, "model_name", "") if sae is not None else "") or (
+            meta.get("model") if (sae is not None or meta.get("kind") == "neurons") and cfg.model is None else None)
         if sae is not None and not model_name:
-            raise MonoscopeError(f"the SAE in {ns.sae} does not name its model; pass --model NAME")
+            raise MonoscopeError(f"the SAE in {cfg.sae} does not name its model; pass --model NAME")
         if model_name:
             from monoscope.models import load_model
 
-            lm = load_model(model_name, device=ns.device)
-        serve(folder, host=ns.host, port=ns.port, lm=lm, sae=sae, hook=ns.hook)
+            lm = load_model(model_name, device=cfg.device)
+        serve(folder, host=cfg.host, port=cfg.port, lm=lm, sae=sae, hook=cfg.hook)
     return run
