@@ -282,7 +282,6 @@ def train_sae(cfg: TrainConfig, store_folder: str | Path, out_folder: str | Path
     A folder already holding a finished run with the same settings and data is returned untouched.
     ``callback(step, info)`` runs on rank 0 after every step (custom logging; raising stops the run).
     """
-    from monoscope.sae import build_sae
     from monoscope.store import ActivationStore
 
     started = time.perf_counter()
@@ -290,152 +289,211 @@ def train_sae(cfg: TrainConfig, store_folder: str | Path, out_folder: str | Path
     dist_ = _init_distributed(cfg.device)
     try:
         store = ActivationStore(store_folder)
-        hook = store.hook(cfg.hook)
-        d = store.d(hook)
-        d_sae = cfg.d_sae if cfg.d_sae is not None else cfg.expansion_factor * d
-        _check_settings(cfg, d_sae, dist_.world)
-        _sae_config(cfg, d, d_sae, hook, store.model).validate()  # architecture settings, before any work
-        identity = store_identity(store)
-        rhash = run_hash(cfg, identity)
-        sidecar = out / SIDECAR
-        if sidecar.exists():
-            done = read_json(sidecar)
-            if done.get("run_hash") == rhash:
-                return out
-            raise MonoscopeError(f"{out} already holds an SAE trained with other settings or data; choose a new "
-                                 f"output folder or delete it")
-        if out.exists() and not out.is_dir():
-            raise MonoscopeError(f"{out} is a file; the SAE output must be a folder")
-
+        plan = _plan(cfg, store, dist_.world)
+        if _already_trained(out, plan.run_hash):
+            return out
+        store.check_finite(plan.hook)  # NaN/inf anywhere (names shard and row), before any work
         device = torch.device(f"cuda:{dist_.local_rank}" if cfg.device == "cuda" and dist_.world > 1 else cfg.device)
-        per_rank = cfg.batch_size // dist_.world
-        batches_per_epoch = (store.num_rows // dist_.world) // per_rank
-        if batches_per_epoch < 1:
-            raise MonoscopeError(f"the store has {store.num_rows} rows, fewer than one batch of {cfg.batch_size}; "
-                                 f"lower --batch-size or extract more tokens")
-        total_steps = cfg.steps or math.ceil((cfg.tokens or batches_per_epoch * cfg.batch_size) / cfg.batch_size)
-        total_tokens = total_steps * cfg.batch_size
-        dead_window = cfg.dead_window_tokens or max(cfg.batch_size, min(10_000_000, total_tokens // 10))
-
-        # data checks before any work: NaN/inf anywhere (names shard and row), then the sample
-        store.check_finite(hook)
-        sample = _sample(store, hook, cfg.sample_rows, cfg.seed)
-        scale = input_scale(sample) if cfg.normalize else 1.0
-
-        torch.manual_seed(cfg.seed)
-        sae_cfg = _sae_config(cfg, d, d_sae, hook, store.model, dead_window)
-        sae = build_sae(sae_cfg)
-        sae.init_from_data(sample * scale)
-        sae.to(device)
-        lr = cfg.lr or default_lr(d_sae)
-        params = [p for p in sae.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=lr)
-        since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-
-        step = 0
-        resumed = _load_checkpoint(out, rhash, sae, opt, device)
-        if resumed is not None:
-            state, since_fired = resumed
-            step = int(state["step"])
-            if abs(state["scale"] - scale) > 1e-12 * max(1.0, scale):
-                raise MonoscopeError(f"the checkpoint in {out} was made with input scale {state['scale']}, "
-                                     f"this run computes {scale}; the store changed: start a new output folder")
+        run = _start(cfg, plan, store, out, device)
         log = None
         if dist_.main:
             out.mkdir(parents=True, exist_ok=True)
-            log = _MetricsLog(out / METRICS, step if resumed is not None else None)
-
-        state_json = {"run_hash": rhash, "scale": scale, "total_steps": total_steps,
-                      "config": to_dict(cfg), "world_size": dist_.world}
-        bar = progress_bar(total=total_tokens, initial=step * cfg.batch_size, unit="tok",
-                           desc=f"train {cfg.architecture} {hook}",
-                           enable=show_progress if dist_.main else False)
-        window: dict[str, torch.Tensor] = {}
-        window_steps = 0
-        loop_started = time.perf_counter()
-        first_step = step
-        final: dict[str, float] = {}
-        while step < total_steps:
-            epoch, start_batch = divmod(step, batches_per_epoch)
-            stream = store.batches(hook, per_rank, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                   buffer_rows=max(cfg.shuffle_buffer_rows, per_rank), rank=dist_.rank,
-                                   world_size=dist_.world, drop_last=True, start_batch=start_batch, device=device)
-            for x in stream:
-                x = x * scale if scale != 1.0 else x
-                sae.train()
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, total_steps, lr, cfg.lr_warmup_steps, cfg.lr_decay_fraction)
-                res = sae.training_forward(x, dead_mask=since_fired >= dead_window,
-                                           sparsity_scale=sparsity_scale_at(step, total_steps,
-                                                                            cfg.sparsity_warmup_fraction))
-                opt.zero_grad(set_to_none=True)
-                res.loss.backward()
-                fired = res.fired
-                if dist_.world > 1:
-                    fired = _sync(params, fired, sae, dist_.world)
-                sae.before_step()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sae.after_step()
-                with torch.no_grad():
-                    since_fired += cfg.batch_size
-                    since_fired[fired.to(device)] = 0
-                    _accumulate(window, x, res)
-                window_steps += 1
-                step += 1
-                bar.update(cfg.batch_size)
-
-                if step % cfg.log_every == 0 or step == total_steps:
-                    row = _summarise(window, window_steps, dist_.world)
-                    row.update(step=step, tokens=step * cfg.batch_size, lr=opt.param_groups[0]["lr"],
-                               dead_fraction=(since_fired >= dead_window).float().mean().item(),
-                               elapsed_s=round(time.perf_counter() - started, 3),
-                               tokens_per_s=round((step - first_step) * cfg.batch_size
-                                                  / max(1e-9, time.perf_counter() - loop_started), 1))
-                    window, window_steps, final = {}, 0, row
-                    if dist_.main:
-                        log.write({k: row[k] for k in ("step", "tokens", "lr")} | row)
-                        bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}", FVU=f"{row['fvu']:.3f}",
-                                        dead=f"{row['dead_fraction']:.1%}", refresh=False)
-                if dist_.main and callback is not None:
-                    callback(step, {"loss": res.loss.item()})
-                if dist_.main and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                    _save_checkpoint(out, step, sae, opt, since_fired, state_json)
-                if step >= total_steps:
-                    break
+            log = _MetricsLog(out / METRICS, run.step if run.resumed else None)
+        bar = progress_bar(total=plan.total_steps * cfg.batch_size, initial=run.step * cfg.batch_size, unit="tok",
+                           desc=f"train {cfg.architecture} {plan.hook}", enable=show_progress if dist_.main else False)
+        final, loop_seconds = _loop(cfg, plan, run, store, dist_, out, log, bar, callback, started)
         bar.close()
-        loop_seconds = time.perf_counter() - loop_started
         if dist_.world > 1:
-            _check_replicas_agree(sae)
-
+            _check_replicas_agree(run.sae)
         if dist_.main:
-            sae.fold_input_scale(scale)
-            _save_into(sae.to("cpu"), out, {"trained_by": "monoscope", "run_hash": rhash, "input_scale": scale})
-            trained = total_steps - first_step
-            write_json(sidecar, {
-                "kind": "sae", "run_hash": rhash, "config": to_dict(cfg), "sae_config": to_dict(sae_cfg),
-                "store": {"folder": str(Path(store_folder).resolve()), "identity": identity,
-                          "input_hash": store.meta.get("input_hash"), "model": store.model,
-                          "model_fingerprint": store.model_fingerprint, "hook": hook, "rows": store.num_rows},
-                "d_in": d, "d_sae": d_sae, "input_scale": scale, "lr": lr, "total_steps": total_steps,
-                "total_tokens": total_tokens, "dead_window_tokens": dead_window, "world_size": dist_.world,
-                "resumed_from_step": first_step if resumed is not None else None,
-                "timings": {"seconds": round(time.perf_counter() - started, 3),
-                            "train_loop_seconds": round(loop_seconds, 3),
-                            "tokens_per_s": round(trained * cfg.batch_size / max(loop_seconds, 1e-9), 1)},
-                "final_metrics": final, "library_versions": library_versions(), "finished": now_iso(),
-            })
-            for f in (out / CHECKPOINT_DIR).glob("*"):
-                f.unlink(missing_ok=True)
-            if (out / CHECKPOINT_DIR).exists():
-                (out / CHECKPOINT_DIR).rmdir()
+            _finish(cfg, plan, run, store, store_folder, out, final, loop_seconds, time.perf_counter() - started)
         if dist_.world > 1:
             torch.distributed.barrier()
         return out
     finally:
         if dist_.owns_group:
             torch.distributed.destroy_process_group()
+
+
+@dataclass
+class _Plan:
+    """What a training run will do, fixed before any work: the data, the sizes and the run's identity."""
+    hook: str
+    d: int
+    d_sae: int
+    world: int
+    per_rank: int  # rows per step on each process
+    batches_per_epoch: int
+    total_steps: int
+    dead_window: int
+    identity: str
+    run_hash: str
+
+
+def _plan(cfg: TrainConfig, store, world: int) -> _Plan:
+    """Check every setting against the store and work out the run's sizes; raise before any work."""
+    hook = store.hook(cfg.hook)
+    d = store.d(hook)
+    d_sae = cfg.d_sae if cfg.d_sae is not None else cfg.expansion_factor * d
+    _check_settings(cfg, d_sae, world)
+    _sae_config(cfg, d, d_sae, hook, store.model).validate()  # architecture settings
+    per_rank = cfg.batch_size // world
+    batches_per_epoch = (store.num_rows // world) // per_rank
+    if batches_per_epoch < 1:
+        raise MonoscopeError(f"the store has {store.num_rows} rows, fewer than one batch of {cfg.batch_size}; "
+                             f"lower --batch-size or extract more tokens")
+    total_steps = cfg.steps or math.ceil((cfg.tokens or batches_per_epoch * cfg.batch_size) / cfg.batch_size)
+    dead_window = cfg.dead_window_tokens or max(cfg.batch_size, min(10_000_000, total_steps * cfg.batch_size // 10))
+    identity = store_identity(store)
+    return _Plan(hook, d, d_sae, world, per_rank, batches_per_epoch, total_steps, dead_window, identity,
+                 run_hash(cfg, identity))
+
+
+def _already_trained(out: Path, rhash: str) -> bool:
+    """``out`` holds a finished run of this hash (True), nothing finished (False), or another run (error)."""
+    if out.exists() and not out.is_dir():
+        raise MonoscopeError(f"{out} is a file; the SAE output must be a folder")
+    if not (out / SIDECAR).exists():
+        return False
+    if read_json(out / SIDECAR).get("run_hash") == rhash:
+        return True
+    raise MonoscopeError(f"{out} already holds an SAE trained with other settings or data; choose a new "
+                         f"output folder or delete it")
+
+
+@dataclass
+class _Run:
+    """The state a training run carries from step to step (what a checkpoint saves)."""
+    sae: Any
+    sae_cfg: Any
+    opt: torch.optim.Optimizer
+    params: list
+    since_fired: torch.Tensor  # tokens since each latent last fired
+    step: int
+    scale: float
+    lr: float
+    resumed: bool
+    first_step: int
+
+
+def _start(cfg: TrainConfig, plan: _Plan, store, out: Path, device) -> _Run:
+    """A fresh SAE initialised from a data sample, or the checkpoint in ``out`` when there is one."""
+    from monoscope.sae import build_sae
+
+    sample = _sample(store, plan.hook, cfg.sample_rows, cfg.seed)
+    scale = input_scale(sample) if cfg.normalize else 1.0
+    torch.manual_seed(cfg.seed)
+    sae_cfg = _sae_config(cfg, plan.d, plan.d_sae, plan.hook, store.model, plan.dead_window)
+    sae = build_sae(sae_cfg)
+    sae.init_from_data(sample * scale)
+    sae.to(device)
+    lr = cfg.lr or default_lr(plan.d_sae)
+    params = [p for p in sae.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    since_fired = torch.zeros(plan.d_sae, dtype=torch.long, device=device)
+    step = 0
+    resumed = _load_checkpoint(out, plan.run_hash, sae, opt, device)
+    if resumed is not None:
+        state, since_fired = resumed
+        step = int(state["step"])
+        if abs(state["scale"] - scale) > 1e-12 * max(1.0, scale):
+            raise MonoscopeError(f"the checkpoint in {out} was made with input scale {state['scale']}, "
+                                 f"this run computes {scale}; the store changed: start a new output folder")
+    return _Run(sae, sae_cfg, opt, params, since_fired, step, scale, lr, resumed is not None, step)
+
+
+def _loop(cfg: TrainConfig, plan: _Plan, run: _Run, store, dist_: _Dist, out: Path, log, bar, callback,
+          started: float) -> tuple[dict[str, float], float]:
+    """Train from ``run.step`` to the last step; return the last logged metrics and the loop's seconds."""
+    state_json = {"run_hash": plan.run_hash, "scale": run.scale, "total_steps": plan.total_steps,
+                  "config": to_dict(cfg), "world_size": dist_.world}
+    window: dict[str, torch.Tensor] = {}
+    window_steps = 0
+    loop_started = time.perf_counter()
+    final: dict[str, float] = {}
+    device = run.since_fired.device
+    while run.step < plan.total_steps:
+        epoch, start_batch = divmod(run.step, plan.batches_per_epoch)
+        stream = store.batches(plan.hook, plan.per_rank, shuffle=True, seed=cfg.seed, epoch=epoch,
+                               buffer_rows=max(cfg.shuffle_buffer_rows, plan.per_rank), rank=dist_.rank,
+                               world_size=dist_.world, drop_last=True, start_batch=start_batch, device=device)
+        for x in stream:
+            x = x * run.scale if run.scale != 1.0 else x
+            res = _step(cfg, plan, run, x)
+            with torch.no_grad():
+                _accumulate(window, x, res)
+            window_steps += 1
+            bar.update(cfg.batch_size)
+            if run.step % cfg.log_every == 0 or run.step == plan.total_steps:
+                row = _summarise(window, window_steps, dist_.world)
+                row.update(step=run.step, tokens=run.step * cfg.batch_size, lr=run.opt.param_groups[0]["lr"],
+                           dead_fraction=(run.since_fired >= plan.dead_window).float().mean().item(),
+                           elapsed_s=round(time.perf_counter() - started, 3),
+                           tokens_per_s=round((run.step - run.first_step) * cfg.batch_size
+                                              / max(1e-9, time.perf_counter() - loop_started), 1))
+                window, window_steps, final = {}, 0, row
+                if dist_.main:
+                    log.write({k: row[k] for k in ("step", "tokens", "lr")} | row)
+                    bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}", FVU=f"{row['fvu']:.3f}",
+                                    dead=f"{row['dead_fraction']:.1%}", refresh=False)
+            if dist_.main and callback is not None:
+                callback(run.step, {"loss": res.loss.item()})
+            if dist_.main and cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 \
+                    and run.step < plan.total_steps:
+                _save_checkpoint(out, run.step, run.sae, run.opt, run.since_fired, state_json)
+            if run.step >= plan.total_steps:
+                break
+    return final, time.perf_counter() - loop_started
+
+
+def _step(cfg: TrainConfig, plan: _Plan, run: _Run, x: torch.Tensor):
+    """One optimiser step on the scaled batch ``x``; returns the SAE's training output."""
+    run.sae.train()
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(run.step, plan.total_steps, run.lr, cfg.lr_warmup_steps, cfg.lr_decay_fraction)
+    res = run.sae.training_forward(x, dead_mask=run.since_fired >= plan.dead_window,
+                                   sparsity_scale=sparsity_scale_at(run.step, plan.total_steps,
+                                                                    cfg.sparsity_warmup_fraction))
+    run.opt.zero_grad(set_to_none=True)
+    res.loss.backward()
+    fired = res.fired
+    if plan.world > 1:
+        fired = _sync(run.params, fired, run.sae, plan.world)
+    run.sae.before_step()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    run.opt.step()
+    run.sae.after_step()
+    with torch.no_grad():
+        run.since_fired += cfg.batch_size
+        run.since_fired[fired.to(run.since_fired.device)] = 0
+    run.step += 1
+    return res
+
+
+def _finish(cfg: TrainConfig, plan: _Plan, run: _Run, store, store_folder, out: Path, final: dict,
+            loop_seconds: float, seconds: float) -> None:
+    """Fold the input scale into the weights, save the SAE and train.json, and drop the checkpoint."""
+    run.sae.fold_input_scale(run.scale)
+    _save_into(run.sae.to("cpu"), out, {"trained_by": "monoscope", "run_hash": plan.run_hash,
+                                        "input_scale": run.scale})
+    trained = plan.total_steps - run.first_step
+    write_json(out / SIDECAR, {
+        "kind": "sae", "run_hash": plan.run_hash, "config": to_dict(cfg), "sae_config": to_dict(run.sae_cfg),
+        "store": {"folder": str(Path(store_folder).resolve()), "identity": plan.identity,
+                  "input_hash": store.meta.get("input_hash"), "model": store.model,
+                  "model_fingerprint": store.model_fingerprint, "hook": plan.hook, "rows": store.num_rows},
+        "d_in": plan.d, "d_sae": plan.d_sae, "input_scale": run.scale, "lr": run.lr, "total_steps": plan.total_steps,
+        "total_tokens": plan.total_steps * cfg.batch_size, "dead_window_tokens": plan.dead_window,
+        "world_size": plan.world, "resumed_from_step": run.first_step if run.resumed else None,
+        "timings": {"seconds": round(seconds, 3), "train_loop_seconds": round(loop_seconds, 3),
+                    "tokens_per_s": round(trained * cfg.batch_size / max(loop_seconds, 1e-9), 1)},
+        "final_metrics": final, "library_versions": library_versions(), "finished": now_iso(),
+    })
+    for f in (out / CHECKPOINT_DIR).glob("*"):
+        f.unlink(missing_ok=True)
+    if (out / CHECKPOINT_DIR).exists():
+        (out / CHECKPOINT_DIR).rmdir()
 
 
 def _save_into(sae, out: Path, metadata: dict) -> None:
