@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 
 from monoscope.artifacts import fsync_dir, library_versions, now_iso, read_json, write_json
 from monoscope.errors import MonoscopeError
+from monoscope.report.formatting import number as _fmt, percent as _pct
 from monoscope.report.plots import svg_histogram
 
 HERE = Path(__file__).parent
@@ -191,27 +192,6 @@ def explanation_scores(rec: dict | None) -> dict[str, float | None]:
 
 
 # =============================================================================================== building
-def _fmt(x: float | None, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if x == 0:
-        return "0"
-    ax = abs(x)
-    if ax < 1e-3 or ax >= 1e5:
-        return f"{x:.2e}"
-    return f"{x:.{digits}g}"
-
-
-def _pct(x: float | None) -> str:
-    if x is None:
-        return "–"
-    if x == 0:
-        return "0%"
-    if x < 1e-4:
-        return f"{x * 100:.1e}%"
-    return f"{x * 100:.3g}%"
-
-
 def _colour(frac: float) -> str:
     f = min(1.0, max(0.0, frac)) ** 0.8 * 0.9
     r, g, b = (round(255 + (c - 255) * f) for c in _HI)
@@ -280,7 +260,7 @@ def _hist_svg(counts: list[float], edges: list[float], mean: float | None) -> st
                          marker=math.log10(mean) if mean and mean > 0 else None)
 
 
-def _environment():
+def template_environment():
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
@@ -350,7 +330,7 @@ def build_browser(stats_folder: str | os.PathLike, out_folder: str | os.PathLike
     site = dict(title=title, unit=unit, kind=stats.kind, model=stats.model, hook=stats.hook,
                 n_tokens=stats.n_tokens, neuron_hook=stats.neuron_hook,
                 has_scores=any(v is not None for r in expl.values() for v in explanation_scores(r).values()))
-    env = _environment()
+    env = template_environment()
     feature_tpl = env.get_template("feature.html")
     page_ids = set(ids)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,40 +6,33 @@ never shows a figure that the run did not measure. Sections with no data say so 
 from __future__ import annotations
 
 import base64
-import html
-import math
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from monoscope.artifacts import atomic_path
+from monoscope.report.formatting import number
 
 REPORT = "report.html"
 
 
-def _img(path: Path, alt: str) -> str:
+def _img(path: Path, alt: str) -> dict:
+    """An inlined PNG block, or a note that the plot was not produced."""
     if not path.exists():
-        return f'<p class="missing">(plot {html.escape(path.name)} was not produced)</p>'
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+        return {"kind": "missing", "text": f"(plot {path.name} was not produced)"}
+    return {"kind": "img", "alt": alt, "src": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()}
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return html.escape(str(x))
-
-
-def _table(frame: pd.DataFrame, digits: int = 3) -> str:
+def _table(frame: pd.DataFrame | None, digits: int = 3) -> dict:
+    """A table block: column names and formatted cells (the template escapes them)."""
     if frame is None or frame.empty:
-        return '<p class="missing">(no rows)</p>'
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(v, digits)}</td>" for v in row) + "</tr>"
-                   for row in frame.itertuples(index=False))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return {"kind": "missing", "text": "(no rows)"}
+    return {"kind": "table", "columns": [str(c) for c in frame.columns],
+            "rows": [[number(v, digits) for v in row] for row in frame.itertuples(index=False)]}
+
+
+def _p(text: str, kind: str = "p") -> dict:
+    return {"kind": kind, "text": text}
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -62,7 +55,7 @@ def neuron_findings(neurons: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
             top = part.loc[part["F1 k=1"].idxmax()]
             early = part[part.layer == part.layer.min()].iloc[0]
             notes.append(
-                f"<b>{html.escape(name)}</b>: the best single neuron is in layer {int(top.layer)} "
+                f"{name}: the best single neuron is in layer {int(top.layer)} "
                 f"(F1 {top['F1 k=1']:.3f}; with 16 neurons {top['F1 k=16']:.3f}). In the earliest probed layer "
                 f"({int(early.layer)}) one neuron reaches F1 {early['F1 k=1']:.3f} and 16 reach "
                 f"{early['F1 k=16']:.3f}: a gap of {early['gap (k=16 − k=1)']:.3f}"
@@ -110,111 +103,100 @@ def _explanations(path: str | None) -> pd.DataFrame:
 
 def write_report(out: Path, *, cfg, plan, lm, ext, saes, probe, stats, explained, steering, timings, versions) -> Path:
     """Build report.html (and the feature browser beside it) from the stage results."""
-    from monoscope.config import to_dict
-    from monoscope.report.browser import build_browser
+    from monoscope.report.browser import template_environment, build_browser
 
     out = Path(out)
-    browser = out / "browser"
-    build_browser(stats["features"], browser, title=f"{lm.name} · {plan['sae_hook']} SAE features",
+    build_browser(stats["features"], out / "browser", title=f"{lm.name} · {plan['sae_hook']} SAE features",
                   explanations=explained.get("features"))
     build_browser(stats["neurons"], out / "browser_neurons", title=f"{lm.name} · {plan['neuron_hook']} neurons",
                   explanations=explained.get("neurons"))
-
-    neurons = _read(Path(probe["neurons"]) / "results.csv")
-    sae_rows = _read(Path(probe["sae"]) / "results.csv")
-    resid = _read(Path(probe["resid"]) / "results.csv")
-    by_layer, notes = neuron_findings(neurons)
-    versus = latents_vs_neurons(neurons, sae_rows, resid, plan["layer"])
-    osp_all = _read(Path(probe.get("osp", "")) / "results.csv") if probe.get("osp") else pd.DataFrame()
-    osp = osp_all[osp_all.method == "osp"] if not osp_all.empty else osp_all
-    osp_cols = [c for c in ("dataset", "layer", "k", "f1", "osp_objective", "osp_gap", "certified", "fit_s")
-                if c in osp.columns]
-    heur = (osp_all.groupby(["method", "k"]).f1.mean().unstack("k").reset_index()
-            if not osp_all.empty else pd.DataFrame())
-    sweep = pd.DataFrame(saes["table"])
-    sweep_cols = [c for c in ("architecture", "knob", "value", "d_sae", "train_tokens", "l0", "fvu", "explained_variance",
-                              "delta_loss", "ce_loss_recovered", "kl_score", "dead_fraction", "train_tokens_per_s")
-                  if c in sweep.columns]
-    feats, neus = _explanations(explained.get("features")), _explanations(explained.get("neurons"))
-    score_cols = ["detection acc", "fuzzing acc", "simulation r"]
-    compare = pd.DataFrame([{"units": label, **{c: (frame[c].astype(float).mean() if c in frame else None) for c in score_cols},
-                             "n": len(frame)} for label, frame in (("SAE features", feats), ("MLP neurons", neus))])
-    eff = steering.get("effect", {})
-    small = cfg.tokens < 1_000_000
-    sections = []
-    sections.append(("Where features have dedicated neurons", "".join(f"<p>{n}</p>" for n in notes)
-                     + _img(Path(probe["neurons"]) / "best_f1_by_layer.png", "best F1 by layer")
-                     + "".join(_img(p, p.stem) for p in sorted(Path(probe["neurons"]).glob("f1_vs_k_*.png")))
-                     + _table(by_layer)))
-    sections.append(("Optimal sparse probing vs heuristics",
-                     "<p>Optimal sparse probing solves for the best k-subset of a 50-neuron pool exactly "
-                     "(hinge loss + ridge, HiGHS MILP); <i>gap</i> 0 means certified optimal for that objective.</p>"
-                     + _img(Path(probe.get("osp", probe["neurons"])) / "osp_vs_heuristics.png", "OSP vs heuristics")
-                     + "<h3>Mean test F1 by method and k</h3>" + _table(heur)
-                     + "<h3>OSP solves</h3>" + _table(osp[osp_cols] if osp_cols else osp)))
-    sections.append((f"SAE latents vs neurons at layer {plan['layer']}",
-                     "<p>The same datasets probed on the layer's MLP neurons, its residual-stream dimensions and "
-                     "the SAE's latents (best method). A feature that one SAE latent captures better than any "
-                     "single neuron is a sign the SAE found a monosemantic direction the neuron basis lacks.</p>"
-                     + _table(versus)))
-    sections.append(("Fidelity / sparsity frontier of the SAEs",
-                     _img(Path(saes["folder"]) / "delta_loss_vs_l0.png", "delta loss vs L0")
-                     + _img(Path(saes["folder"]) / "fvu_vs_l0.png", "FVU vs L0")
-                     + _table(sweep[sweep_cols] if sweep_cols else sweep)))
-    sections.append(("Most interpretable features (automated interpretability)",
-                     f"<p>Explanations written and scored by <code>{html.escape(cfg.explain_backend or 'hf:' + cfg.model)}"
-                     "</code>. A small local model writes weak explanations; the scores measure that honestly. "
-                     "Browse every feature in the <a href=\"browser/index.html\">feature browser</a> and the "
-                     "neurons in the <a href=\"browser_neurons/index.html\">neuron browser</a>.</p>"
-                     "<h3>Neurons vs features on the same scores</h3>" + _table(compare)
-                     + "<h3>SAE features</h3>" + _table(feats) + "<h3>MLP neurons</h3>" + _table(neus)))
-    steer_html = (f"<p>Feature {steering.get('feature')} ({html.escape(steering.get('explanation') or 'no explanation')}) "
-                  f"clamped to {_fmt(steering.get('value'), 2)} during generation. Its own activation on the "
-                  f"generated text (re-encoded without steering):</p>" + _table(pd.json_normalize(eff, sep=" ")
-                                                                              .T.reset_index()
-                                                                              .rename(columns={"index": "measure", 0: "value"}))
-                  + "<h3>Side by side</h3>" + "".join(
-                      f"<div class=pair><div><b>default</b><pre>{html.escape(p.get('default', ''))}</pre></div>"
-                      f"<div><b>steered</b><pre>{html.escape(p.get('steered', ''))}</pre></div></div>"
-                      for p in steering.get("examples", [])))
-    sections.append(("Steering", steer_html))
-    settings = pd.DataFrame(sorted(to_dict(cfg).items()), columns=["setting", "value"])
-    sizes = pd.DataFrame([{"what": "SAE training rows", "n": ext["train_rows"]},
-                          {"what": "validation rows", "n": ext["validation_rows"]},
-                          {"what": "probing rows (all sweeps)", "n": probe.get("rows")}])
-    times = pd.DataFrame(sorted(timings.items()), columns=["stage", "seconds"])
-    vers = pd.DataFrame(sorted(versions.items()), columns=["library", "version"])
-    caution = ("<p class=warn>This is a small CPU run: SAEs trained on "
-               f"{ext['train_rows']:,} activations and probes fitted on {cfg.probe_examples} examples per dataset. "
-               "Differences of a few hundredths in F1 or loss are within noise; treat the numbers as a smoke test "
-               "of the method, not as measurements of the model. Scale up with --tokens and a GPU.</p>") if small else ""
-    sections.append(("Run settings, sizes, timings and versions", caution + _table(sizes) + _table(times, 1)
-                     + _table(settings) + _table(vers)))
-    body = "".join(f"<section><h2>{html.escape(title)}</h2>{content}</section>" for title, content in sections)
-    page = _PAGE.format(title=html.escape(f"monoscope findings: {lm.name}"), model=html.escape(lm.name),
-                        hook=html.escape(plan["sae_hook"]), body=body)
+    sections = [*_probing_sections(probe, plan), _sae_section(saes), _explain_section(cfg, explained),
+                _steer_section(steering), _settings_section(cfg, ext, probe, timings, versions)]
+    page = template_environment().get_template("report.html").render(
+        title=f"monoscope findings: {lm.name}", model=lm.name, hook=plan["sae_hook"], sections=sections)
     path = out / REPORT
     with atomic_path(path) as tmp:
         tmp.write_text(page)
     return path
 
 
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body{{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#212529}}
-h1{{font-size:1.7em;margin-bottom:.2em}} h2{{border-bottom:2px solid #e9ecef;padding-bottom:.2em;margin-top:2em}}
-table{{border-collapse:collapse;font-size:13px;margin:.8em 0;display:block;overflow-x:auto}}
-th,td{{border:1px solid #dee2e6;padding:3px 8px;text-align:left;vertical-align:top}} th{{background:#f8f9fa}}
-img{{max-width:540px;margin:.4em .6em .4em 0;border:1px solid #eee}} .missing{{color:#868e96;font-style:italic}}
-.warn{{background:#fff4e6;border-left:4px solid #d9480f;padding:.5em 1em}}
-.pair{{display:grid;grid-template-columns:1fr 1fr;gap:1em}} pre{{white-space:pre-wrap;background:#f8f9fa;padding:.5em}}
-nav a{{margin-right:1em}}
-</style></head><body>
-<h1>{title}</h1>
-<p>Model <b>{model}</b>, SAEs at <code>{hook}</code>. <nav><a href="browser/index.html">Feature browser</a>
-<a href="browser_neurons/index.html">Neuron browser</a></nav></p>
-{body}
-<footer><p class=missing>Generated by monoscope. Every number above was computed by this run.</p></footer>
-</body></html>
-"""
+def _probing_sections(probe: dict, plan: dict) -> list[dict]:
+    """Dedicated neurons by layer, optimal sparse probing vs the heuristics, latents vs neurons."""
+    neurons = _read(Path(probe["neurons"]) / "results.csv")
+    by_layer, notes = neuron_findings(neurons)
+    versus = latents_vs_neurons(neurons, _read(Path(probe["sae"]) / "results.csv"),
+                                _read(Path(probe["resid"]) / "results.csv"), plan["layer"])
+    osp_all = _read(Path(probe["osp"]) / "results.csv") if probe.get("osp") else pd.DataFrame()
+    osp = osp_all[osp_all.method == "osp"] if not osp_all.empty else osp_all
+    osp_cols = [c for c in ("dataset", "layer", "k", "f1", "osp_objective", "osp_gap", "certified", "fit_s")
+                if c in osp.columns]
+    heur = (osp_all.groupby(["method", "k"]).f1.mean().unstack("k").reset_index()
+            if not osp_all.empty else pd.DataFrame())
+    dedicated = [*map(_p, notes), _img(Path(probe["neurons"]) / "best_f1_by_layer.png", "best F1 by layer"),
+                 *(_img(p, p.stem) for p in sorted(Path(probe["neurons"]).glob("f1_vs_k_*.png"))), _table(by_layer)]
+    optimal = [_p("Optimal sparse probing solves for the best k-subset of a 50-neuron pool exactly (hinge loss + "
+                  "ridge, HiGHS MILP); gap 0 means certified optimal for that objective."),
+               _img(Path(probe.get("osp", probe["neurons"])) / "osp_vs_heuristics.png", "OSP vs heuristics"),
+               _p("Mean test F1 by method and k", "h3"), _table(heur),
+               _p("OSP solves", "h3"), _table(osp[osp_cols] if osp_cols else osp)]
+    latents = [_p("The same datasets probed on the layer's MLP neurons, its residual-stream dimensions and the SAE's "
+                  "latents (best method). A feature that one SAE latent captures better than any single neuron is a "
+                  "sign the SAE found a monosemantic direction the neuron basis lacks."), _table(versus)]
+    return [{"title": "Where features have dedicated neurons", "blocks": dedicated},
+            {"title": "Optimal sparse probing vs heuristics", "blocks": optimal},
+            {"title": f"SAE latents vs neurons at layer {plan['layer']}", "blocks": latents}]
+
+
+def _sae_section(saes: dict) -> dict:
+    sweep = pd.DataFrame(saes["table"])
+    cols = [c for c in ("architecture", "knob", "value", "d_sae", "train_tokens", "l0", "fvu", "explained_variance",
+                        "delta_loss", "ce_loss_recovered", "kl_score", "dead_fraction", "train_tokens_per_s")
+            if c in sweep.columns]
+    return {"title": "Fidelity / sparsity frontier of the SAEs",
+            "blocks": [_img(Path(saes["folder"]) / "delta_loss_vs_l0.png", "delta loss vs L0"),
+                       _img(Path(saes["folder"]) / "fvu_vs_l0.png", "FVU vs L0"),
+                       _table(sweep[cols] if cols else sweep)]}
+
+
+def _explain_section(cfg, explained: dict) -> dict:
+    feats, neus = _explanations(explained.get("features")), _explanations(explained.get("neurons"))
+    score_cols = ["detection acc", "fuzzing acc", "simulation r"]
+    compare = pd.DataFrame([{"units": label, **{c: frame[c].astype(float).mean() if c in frame else None
+                                                for c in score_cols}, "n": len(frame)}
+                            for label, frame in (("SAE features", feats), ("MLP neurons", neus))])
+    backend = cfg.explain_backend or "hf:" + cfg.model
+    return {"title": "Most interpretable features (automated interpretability)", "browser_links": True,
+            "blocks": [_p(f"Explanations written and scored by {backend}. A small local model writes weak "
+                          "explanations; the scores measure that honestly. Browse every feature and neuron in the "
+                          "browsers linked here."),
+                       _p("Neurons vs features on the same scores", "h3"), _table(compare),
+                       _p("SAE features", "h3"), _table(feats), _p("MLP neurons", "h3"), _table(neus)]}
+
+
+def _steer_section(steering: dict) -> dict:
+    effect = (pd.json_normalize(steering.get("effect", {}), sep=" ").T.reset_index()
+              .rename(columns={"index": "measure", 0: "value"}))
+    return {"title": "Steering", "blocks": [
+        _p(f"Feature {steering.get('feature')} ({steering.get('explanation') or 'no explanation'}) clamped to "
+           f"{number(steering.get('value'), 2)} during generation. Its own activation on the generated text "
+           f"(re-encoded without steering):"), _table(effect), _p("Side by side", "h3"),
+        *({"kind": "pair", "default": p.get("default", ""), "steered": p.get("steered", "")}
+          for p in steering.get("examples", []))]}
+
+
+def _settings_section(cfg, ext: dict, probe: dict, timings: dict, versions: dict) -> dict:
+    from monoscope.config import to_dict
+
+    sizes = pd.DataFrame([{"what": "SAE training rows", "n": ext["train_rows"]},
+                          {"what": "validation rows", "n": ext["validation_rows"]},
+                          {"what": "probing rows (all sweeps)", "n": probe.get("rows")}])
+    blocks = []
+    if cfg.tokens < 1_000_000:
+        blocks.append(_p(f"This is a small CPU run: SAEs trained on {ext['train_rows']:,} activations and probes "
+                         f"fitted on {cfg.probe_examples} examples per dataset. Differences of a few hundredths in "
+                         "F1 or loss are within noise; treat the numbers as a smoke test of the method, not as "
+                         "measurements of the model. Scale up with --tokens and a GPU.", "warn"))
+    blocks += [_table(sizes), _table(pd.DataFrame(sorted(timings.items()), columns=["stage", "seconds"]), 1),
+               _table(pd.DataFrame(sorted(to_dict(cfg).items()), columns=["setting", "value"])),
+               _table(pd.DataFrame(sorted(versions.items()), columns=["library", "version"]))]
+    return {"title": "Run settings, sizes, timings and versions", "blocks": blocks}

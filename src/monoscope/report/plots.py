@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from monoscope.artifacts import atomic_path
+from monoscope.report.formatting import number as _fmt
 
 ACCENT = "#d9480f"
 MUTED = "#868e96"
@@ -25,18 +26,6 @@ GRID = "#e9ecef"
 
 
 # ------------------------------------------------------------------------------------------ inline SVG
-def _fmt(x: float) -> str:
-    """A short human number: 0.0123, 1.23, 1234, 1.2e+06."""
-    if x == 0 or not math.isfinite(x):
-        return "0" if x == 0 else str(x)
-    ax = abs(x)
-    if ax >= 1e5 or ax < 1e-3:
-        return f"{x:.1e}"
-    if ax >= 100:
-        return f"{x:.0f}"
-    return f"{x:.3g}"
-
-
 def svg_histogram(counts: Sequence[float], edges: Sequence[float], *, width: int = 520, height: int = 160,
                   color: str = ACCENT, xlabel: str = "", log_counts: bool = False,
                   marker: float | None = None, x_is_log10: bool = False) -> str:
