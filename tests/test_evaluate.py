@@ -226,6 +226,8 @@ def test_nan_store_fails_and_keeps_the_good_eval_json(tmp_path, capsys):
     assert main(["evaluate", str(folder), "--store", str(bad), "--lm-contexts", "0"]) == 2
     err = capsys.readouterr().err
     assert "NaN/inf" in err and "global row 137" in err and "Traceback" not in err
+    assert "overflowed" not in err  # a float32 store did not overflow a narrower dtype: the message says so
+    assert len(err.strip().splitlines()) == 1
     assert (folder / "eval.json").read_bytes() == good
     assert sorted(p.name for p in folder.iterdir()) == before
 

@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -394,3 +395,49 @@ def test_disk_full_maps_to_monoscope_error(tmp_path, monkeypatch):
     acts, cols = reference(30)
     assert np.array_equal(store.context_ids(), cols[3])
     assert torch.equal(torch.cat(list(store.iter_rows(ID_HOOK, 500))), acts[ID_HOOK])
+
+
+# ------------------------------------------------------------------------------------------ hand-edited manifests
+def _edit(m, key, value):
+    m = json.loads(json.dumps(m))
+    target = m["shards"][0] if key.startswith("shards.0.") else m
+    key = key.removeprefix("shards.0.")
+    if value is KeyError:
+        target.pop(key)
+    else:
+        target[key] = value
+    return m
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("shards", KeyError, "field 'shards' is missing"),
+    ("shards", {"a": 1}, "field 'shards' is"),
+    ("num_rows", "many", "field 'num_rows' is"),
+    ("num_rows", 1, "'num_rows' is 1 but the shards hold"),
+    ("finished", "yes", "field 'finished' is"),
+    ("dtype", "int8", "field 'dtype' is"),
+    ("hooks", {}, "field 'hooks' is"),
+    ("model", 3, "field 'model' is"),
+    ("format", "something-else", "is not an activation store manifest"),
+    ("version", 99, "upgrade monoscope"),
+    ("version", "one", "field 'version' is"),
+    ("shards.0.file", "../../etc/passwd", "expected a shard file name"),
+    ("shards.0.rows", 0, "expected a positive integer"),
+    ("shards.0.sha256", None, "expected a hex string"),
+])
+def test_hand_edited_manifest_is_one_clear_error(tmp_path, key, value, says):
+    folder = write_store(tmp_path / "s", n_contexts=8).folder
+    manifest = folder / "manifest.json"
+    manifest.write_text(json.dumps(_edit(json.loads(manifest.read_text()), key, value)))
+    with pytest.raises(MonoscopeError, match=re.escape(says)) as err:
+        ActivationStore(folder)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["", "{not json", "[1, 2]", "\xff\xfe"])
+def test_unreadable_manifest_is_one_clear_error(tmp_path, text):
+    folder = write_store(tmp_path / "s", n_contexts=8).folder
+    (folder / "manifest.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(MonoscopeError, match="manifest|JSON") as err:
+        ActivationStore(folder)
+    assert "\n" not in str(err.value)

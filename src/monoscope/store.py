@@ -820,10 +820,12 @@ class ActivationStore(_ManifestState):
                     bad = ~_is_finite(np.asarray(mm[a:a + chunk_rows]), self.dtype).all(axis=1)
                     if bad.any():
                         r = a + int(np.argmax(bad))
+                        cause = (f"the model overflowed in {self.dtype}; extract again in float32 (model and store)"
+                                 if self.dtype != "float32" else "the model itself produced them (or the file was "
+                                 "altered); check the model's weights and the text of that context")
                         raise MonoscopeError(
                             f"hook {name!r} has NaN/inf activations: first in shard {self.folder / sh['file']} "
-                            f"at row {r} (global row {int(self.offsets[s]) + r}). The model overflowed in "
-                            f"{self.dtype}; extract again in float32 (model and store) or skip these contexts")
+                            f"at row {r} (global row {int(self.offsets[s]) + r}); {cause}, or skip these contexts")
 
     def describe(self) -> str:
         """Human summary for `monoscope info DIR`."""
