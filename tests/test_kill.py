@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 CMD = [sys.executable, "-c", "import sys; from monoscope.cli import main; sys.exit(main(sys.argv[1:]))", "run"]
 # the files that carry results (timings and logs differ between runs by nature)
 RESULTS = ("*.safetensors", "contexts.jsonl", "steering.json", "results.csv", "sweep.csv", "top_features.json")
-TIMING_COLUMNS = ("fit_s", "seconds", "train_tokens_per_s", "source")  # and the SAE path, which names the folder
+TIMING_COLUMNS = ("fit_s", "seconds", "train_tokens_per_s")
 
 
 def _run(cfg: Path, out: Path, kill_at: str | None = None, delay: float = 0.0) -> int:

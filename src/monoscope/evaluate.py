@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,17 +252,19 @@ def evaluate_sae(sae_or_folder, store_folder, lm=None, max_tokens: int = 200_000
                                          lm_batch_size, show_progress))
 
     result = _checked(result, str(folder) if folder else "the SAE")
+    target = Path(out) if out is not None else (folder / EVAL_FILE if folder else None)
+    if target is not None and (target.is_dir() or target.suffix != ".json"):
+        target = target / EVAL_FILE
+    here = (target.parent if target is not None else Path.cwd()).resolve()  # paths are relative to eval.json
     result.update({
-        "hook": hook, "model": store.model, "store": str(Path(store_folder).resolve()),
-        "store_input_hash": store.meta.get("input_hash"),
-        "sae": str(folder.resolve()) if folder else None, "architecture": getattr(sae, "architecture", None),
+        "hook": hook, "model": store.model, "store": os.path.relpath(Path(store_folder).resolve(), here),
+        "store_input_hash": store.meta.get("input_hash"), "store_identity": store.content_hash(),
+        "sae": os.path.relpath(folder.resolve(), here) if folder else None,
+        "architecture": getattr(sae, "architecture", None),
         "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "seconds": round(time.perf_counter() - started, 2),
         "library_versions": library_versions(), "evaluated": now_iso(),
     })
-    target = Path(out) if out is not None else (folder / EVAL_FILE if folder else None)
     if target is not None:
-        if target.is_dir() or target.suffix != ".json":
-            target = target / EVAL_FILE
         write_json(target, result)
     return result
 

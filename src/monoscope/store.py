@@ -827,6 +827,13 @@ class ActivationStore(_ManifestState):
                             f"hook {name!r} has NaN/inf activations: first in shard {self.folder / sh['file']} "
                             f"at row {r} (global row {int(self.offsets[s]) + r}); {cause}, or skip these contexts")
 
+    def content_hash(self) -> str:
+        """The store's content identity: its extraction input hash, its hooks and the checksums of its shards
+        (what an SAE trained on it, or an evaluation made on it, records)."""
+        from monoscope.config import config_hash
+
+        return config_hash(self.meta.get("input_hash"), sorted(self.hooks), [s.get("sha256") for s in self.shards])
+
     def describe(self) -> str:
         """Human summary for `monoscope info DIR`."""
         m = self.manifest

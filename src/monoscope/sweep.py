@@ -20,7 +20,7 @@ from pathlib import Path
 from monoscope.artifacts import atomic_path, read_json, write_json
 from monoscope.config import to_dict
 from monoscope.errors import MonoscopeError
-from monoscope.train import SIDECAR, TrainConfig, run_hash, store_identity, train_sae
+from monoscope.train import SIDECAR, TrainConfig, run_hash, train_sae
 
 # Each sparsity knob an architecture may name in its ``sweep_knobs`` (a TrainConfig field): the SweepConfig
 # field holding its values and their type.
@@ -91,11 +91,12 @@ def _train_config(cfg: SweepConfig, arch: str, knob: str, value: float) -> Train
     return tc
 
 
-def _eval_is_current(path: Path, val_store: Path, tokens: int, lm_contexts: int) -> bool:
+def _eval_is_current(path: Path, val, tokens: int, lm_contexts: int) -> bool:
+    """``path`` holds an evaluation on the same validation data (by content, wherever the store now lies)."""
     if not path.exists():
         return False
     m = read_json(path)
-    return (m.get("store") == str(val_store.resolve()) and m.get("tokens") == tokens
+    return (m.get("store_identity") == val.content_hash() and m.get("tokens") == tokens
             and m.get("lm_contexts", 0) == lm_contexts)
 
 
@@ -113,7 +114,7 @@ def run_sweep(cfg: SweepConfig, train_store, val_store, out, lm=None, show_progr
         raise MonoscopeError(f"the validation store ({val.model}, hooks {val.hooks}) does not match the training "
                              f"store ({train.model}, {hook} d={train.d(hook)}); extract both from the same model "
                              f"and hook")
-    identity = store_identity(train)
+    identity = train.content_hash()
     eval_tokens = min(cfg.eval_tokens, val.num_rows)
     lm_contexts = min(cfg.lm_contexts, val.contexts_done) if cfg.lm_contexts else 0
     if lm_contexts and lm is None:
@@ -128,7 +129,7 @@ def run_sweep(cfg: SweepConfig, train_store, val_store, out, lm=None, show_progr
         print(f"[{i + 1}/{len(runs)}] {arch} {knob}={value:g} -> {folder}", flush=True)
         train_sae(tc, train_store, folder, show_progress=show_progress)
         eval_path = folder / EVAL_FILE
-        if _eval_is_current(eval_path, val_store, eval_tokens, lm_contexts):
+        if _eval_is_current(eval_path, val, eval_tokens, lm_contexts):
             m = read_json(eval_path)
         else:
             m = evaluate_sae(folder, val_store, lm=lm, max_tokens=eval_tokens, lm_contexts=lm_contexts,
@@ -147,8 +148,8 @@ def run_sweep(cfg: SweepConfig, train_store, val_store, out, lm=None, show_progr
     plot_frontier(rows, "fvu", "FVU (fraction of variance unexplained)", title, out / "fvu_vs_l0.png")
     if lm_contexts:
         plot_frontier(rows, "delta_loss", "delta LM loss (nats)", title, out / "delta_loss_vs_l0.png")
-    write_json(out / "sweep.json", {"config": to_dict(cfg), "train_store": str(Path(train_store).resolve()),
-                                    "val_store": str(val_store.resolve()), "runs": rows})
+    write_json(out / "sweep.json", {"config": to_dict(cfg), "train_store_identity": identity,
+                                    "val_store_identity": val.content_hash(), "runs": rows})
     return out
 
 

@@ -138,11 +138,6 @@ def run_hash(cfg: TrainConfig, store_identity: str) -> str:
     return config_hash(settings, store_identity)
 
 
-def store_identity(store) -> str:
-    """The store's content identity: its extraction input hash and the checksums of its shards."""
-    return config_hash(store.meta.get("input_hash"), sorted(store.hooks), [s.get("sha256") for s in store.shards])
-
-
 def _sae_config(cfg: TrainConfig, d_in: int, d_sae: int, hook: str, model: str, dead_window: int | None = None):
     """Build the SAE's config, passing only the settings the user gave (None keeps the SAE default)."""
     from monoscope.sae import SAEConfig
@@ -344,7 +339,7 @@ def _plan(cfg: TrainConfig, store, world: int) -> _Plan:
                              f"lower --batch-size or extract more tokens")
     total_steps = cfg.steps or math.ceil((cfg.tokens or batches_per_epoch * cfg.batch_size) / cfg.batch_size)
     dead_window = cfg.dead_window_tokens or max(cfg.batch_size, min(10_000_000, total_steps * cfg.batch_size // 10))
-    identity = store_identity(store)
+    identity = store.content_hash()
     return _Plan(hook, d, d_sae, world, per_rank, batches_per_epoch, total_steps, dead_window, identity,
                  run_hash(cfg, identity))
 
@@ -480,7 +475,7 @@ def _finish(cfg: TrainConfig, plan: _Plan, run: _Run, store, store_folder, out: 
     trained = plan.total_steps - run.first_step
     write_json(out / SIDECAR, {
         "kind": "sae", "run_hash": plan.run_hash, "config": to_dict(cfg), "sae_config": to_dict(run.sae_cfg),
-        "store": {"folder": str(Path(store_folder).resolve()), "identity": plan.identity,
+        "store": {"folder": os.path.relpath(Path(store_folder).resolve(), out.resolve()), "identity": plan.identity,
                   "input_hash": store.meta.get("input_hash"), "model": store.model,
                   "model_fingerprint": store.model_fingerprint, "hook": plan.hook, "rows": store.num_rows},
         "d_in": plan.d, "d_sae": plan.d_sae, "input_scale": run.scale, "lr": run.lr, "total_steps": plan.total_steps,

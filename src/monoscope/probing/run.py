@@ -104,6 +104,8 @@ def run_probing(cfg: ProbeConfig, out: str | Path, lm: LoadedModel | None = None
     datasets = [load_dataset(name, cfg.max_examples, cfg.seed) for name in cfg.dataset]
 
     rows, tops = [], {}
+    # the table names an SAE by its folder's name; probe.json keeps the path as given (a copied run stays valid)
+    source = cfg.source if cfg.source == "neurons" else "sae:" + Path(cfg.source.split(":", 1)[1]).name
     started = time.perf_counter()
     for ds in datasets:
         acts = probe_activations(lm, ds, list(hooks.values()), batch_size=cfg.batch_size, max_length=cfg.max_length,
@@ -113,7 +115,7 @@ def run_probing(cfg: ProbeConfig, out: str | Path, lm: LoadedModel | None = None
         y = ds.labels
         for layer, hook in hooks.items():
             X = acts[hook]
-            base = {"dataset": ds.name, "category": ds.category, "source": cfg.source, "hook": hook, "layer": layer,
+            base = {"dataset": ds.name, "category": ds.category, "source": source, "hook": hook, "layer": layer,
                     "n_train": len(train_idx), "n_test": len(test_idx), "n_features": X.shape[1]}
             variants = [("none", X, y)]
             if cfg.controls:

@@ -360,9 +360,9 @@ def build_browser(stats_folder: str | os.PathLike, out_folder: str | os.PathLike
         (tmp / "search_index.js").write_text("window.MONOSCOPE_INDEX = " + _js_json(payload) + ";\n", encoding="ascii")
         write_json(tmp / SIDE_CAR, {
             "artifact": "feature-browser", "title": title, "kind": stats.kind, "model": stats.model,
-            "hook": stats.hook, "stats_folder": str(stats.folder.resolve()),
+            "hook": stats.hook, "stats_folder": os.path.relpath(stats.folder.resolve(), out.resolve()),
             "stats_input_hash": stats.stats.input_hash, "stats_content_hash": stats.stats.content_hash,
-            "explanations": str(Path(explanations).resolve()) if explanations else None,
+            "explanations": os.path.relpath(Path(explanations).resolve(), out.resolve()) if explanations else None,
             "n_pages": len(ids), "created": now_iso(), "versions": library_versions()})
         _replace_folder(tmp, out)
     finally:
