@@ -61,7 +61,7 @@ def encode_only(store: ActivationStore, sae, hook: str, batch: int) -> float:
     t = time.perf_counter()
     with torch.inference_mode():
         for x in store.iter_rows(hook, batch_size=batch):
-            if sae.architecture == "topk":
+            if sae.has_sparse_encode:  # the fast path feature statistics take too
                 sae.encode_sparse(x)
             else:
                 sae.encode(x)
@@ -118,7 +118,7 @@ def main() -> None:
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads")
         print(f"store: {store.num_rows:,} rows of {hook} (d={store.d(hook)}){' synthetic, written in %.1f s' % made if not args.store else ''}")
-        print(f"SAE: {sae.architecture} d_sae={m:,}" + (f" k={sae.cfg.k}" if sae.architecture == "topk" else ""))
+        print(f"SAE: {sae.architecture} d_sae={m:,}" + (f" k={sae.cfg.k}" if sae.has_sparse_encode else ""))
 
         encode_only(store, sae, hook, args.batch_size)  # warm the page cache and the kernels
         # (a) and ours alternate, so that load from other jobs on the machine hits both alike; medians

@@ -38,7 +38,8 @@ class RunConfig:
     tokens: int = field(default=65_536, metadata={"help": "activation rows extracted for SAE training"})
     val_tokens: int = field(default=8_192, metadata={"help": "validation rows for SAE evaluation"})
     context_length: int = field(default=128, metadata={"help": "tokens per context"})
-    architectures: tuple[str, ...] = field(default=("topk", "jumprelu"), metadata={"help": "SAE architectures"})
+    architectures: tuple[str, ...] = field(default=("topk", "jumprelu"), metadata={
+        "help": "SAE architectures; the later stages interpret the first one's first SAE"})
     d_sae: int = field(default=4096, metadata={"help": "latents per SAE"})
     k_values: tuple[int, ...] = field(default=(32,), metadata={"help": "k of the TopK-family SAEs"})
     target_l0_values: tuple[float, ...] = field(default=(32.0,), metadata={"help": "target L0 of JumpReLU SAEs"})
@@ -255,7 +256,7 @@ def _saes_stage(c: _Context, ext: Stage) -> Stage:
 
         run_sweep(sweep_cfg, ext["train"], ext["validation"], folder, lm=c.lm, show_progress=c.show_progress)
         table = pd.read_csv(folder / "sweep.csv").to_dict(orient="records")
-        return {"table": table, "main": folder / _pick_main_sae(table), "folder": folder}
+        return {"table": table, "main": folder / _pick_main_sae(table, cfg.architectures), "folder": folder}
     return c.run.stage("saes", to_dict(sweep_cfg), [ext], body)
 
 
@@ -381,14 +382,12 @@ def _warm_probe_cache(c: _Context, hooks: list[str]) -> None:
                           progress=c.show_progress)
 
 
-def _pick_main_sae(table: list[dict]) -> str:
-    """The SAE the later stages interpret: the first TopK one (else the first)."""
-    if not table:
+def _pick_main_sae(table: list[dict], architectures: tuple[str, ...]) -> str:
+    """The SAE the later stages interpret: the first one of the first architecture listed."""
+    rows = [row for row in table if row.get("architecture") == architectures[0]] or table
+    if not rows:
         raise MonoscopeError("the SAE stage produced no SAE")
-    for row in table:
-        if row.get("architecture") == "topk":
-            return row["folder"]
-    return table[0]["folder"]
+    return rows[0]["folder"]
 
 
 def _sample_units(stats_folder, n: int, seed: int) -> list[int]:
