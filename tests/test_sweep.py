@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from monoscope.errors import MonoscopeError
-from monoscope.sweep import SweepConfig, _runs, _train_config, sweep_knob
+from monoscope.sweep import SweepConfig, grid_runs, train_config_for, sweep_knob
 
 
 def test_knob_per_architecture():
@@ -17,17 +17,17 @@ def test_knob_per_architecture():
 
 def test_runs_and_their_train_configs():
     cfg = SweepConfig(architectures=("topk", "jumprelu"), k_values=(8, 16), target_l0_values=(20,), d_sae=64)
-    runs = _runs(cfg)
+    runs = grid_runs(cfg)
     assert runs == [("topk", "k", 8), ("topk", "k", 16), ("jumprelu", "target_l0", 20.0)]
     assert isinstance(runs[0][2], int) and isinstance(runs[2][2], float)
-    tc = _train_config(cfg, *runs[2])
+    tc = train_config_for(cfg, *runs[2])
     assert tc.architecture == "jumprelu" and tc.target_l0 == 20.0 and tc.d_sae == 64
 
 
 def test_errors():
     with pytest.raises(MonoscopeError, match="unknown architecture 'banana'.*relu, topk"):
-        _runs(SweepConfig(architectures=("banana",)))
+        grid_runs(SweepConfig(architectures=("banana",)))
     with pytest.raises(MonoscopeError, match="no values to sweep for jumprelu .set --l0-values or --target-l0-values"):
-        _runs(SweepConfig(architectures=("jumprelu",), target_l0_values=()))
+        grid_runs(SweepConfig(architectures=("jumprelu",), target_l0_values=()))
     with pytest.raises(MonoscopeError, match="--k-values"):
-        _runs(SweepConfig(architectures=("topk",), k_values=()))
+        grid_runs(SweepConfig(architectures=("topk",), k_values=()))

@@ -55,6 +55,16 @@ def write_json(target: str | os.PathLike, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def write_csv(target: str | os.PathLike, columns, rows: list[dict]) -> None:
+    """Atomically write ``rows`` as CSV with ``columns`` (keys outside them are left out)."""
+    import csv
+
+    with atomic_path(target) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(columns), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def safe_filename(name: str, max_len: int = 80) -> str:
     """``name`` (e.g. a dataset name like ``lang:fr``) made safe for a file name: other characters become ``_``."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:max_len]

@@ -827,6 +827,20 @@ class ActivationStore(_ManifestState):
                             f"hook {name!r} has NaN/inf activations: first in shard {self.folder / sh['file']} "
                             f"at row {r} (global row {int(self.offsets[s]) + r}); {cause}, or skip these contexts")
 
+    def sample_rows(self, hook: str, n: int, seed: int) -> torch.Tensor:
+        """A fixed random sample of n rows (the same for a seed on every process), read in order."""
+        n = min(n, self.num_rows)
+        idx = np.sort(np.random.default_rng([seed, 7]).choice(self.num_rows, n, replace=False))
+        return self.rows(idx, hook)
+
+    def provenance(self, relative_to: Path) -> dict:
+        """What an SAE trained on this store records about it (the folder relative to the SAE's)."""
+        import os
+
+        return {"folder": os.path.relpath(self.folder.resolve(), Path(relative_to).resolve()),
+                "input_hash": self.meta.get("input_hash"), "model": self.model,
+                "model_fingerprint": self.model_fingerprint, "rows": self.num_rows}
+
     def content_hash(self) -> str:
         """The store's content identity: its extraction input hash, its hooks and the checksums of its shards
         (what an SAE trained on it, or an evaluation made on it, records)."""

@@ -13,11 +13,10 @@ so a rerun reuses finished SAEs and evaluations and only does what is missing.
 from __future__ import annotations
 
 import argparse
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from monoscope.artifacts import atomic_path, read_json, write_json
+from monoscope.artifacts import atomic_path, read_json, write_csv, write_json
 from monoscope.config import to_dict
 from monoscope.errors import MonoscopeError
 from monoscope.train import SIDECAR, TrainConfig, run_hash, train_sae
@@ -74,7 +73,7 @@ def sweep_knob(cfg: SweepConfig, arch: str) -> str:
     raise MonoscopeError(f"no values to sweep for {arch} (set {flags})")
 
 
-def _runs(cfg: SweepConfig) -> list[tuple[str, str, float]]:
+def grid_runs(cfg: SweepConfig) -> list[tuple[str, str, float]]:
     runs = []
     for arch in cfg.architectures:
         knob = sweep_knob(cfg, arch)
@@ -83,7 +82,7 @@ def _runs(cfg: SweepConfig) -> list[tuple[str, str, float]]:
     return runs
 
 
-def _train_config(cfg: SweepConfig, arch: str, knob: str, value: float) -> TrainConfig:
+def train_config_for(cfg: SweepConfig, arch: str, knob: str, value: float) -> TrainConfig:
     tc = TrainConfig(architecture=arch, d_sae=cfg.d_sae, expansion_factor=cfg.expansion_factor, tokens=cfg.tokens,
                      steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, hook=cfg.hook,
                      device=cfg.device)
@@ -106,7 +105,7 @@ def run_sweep(cfg: SweepConfig, train_store, val_store, out, lm=None, show_progr
     from monoscope.store import ActivationStore
 
     out, val_store = Path(out), Path(val_store)
-    runs = _runs(cfg)
+    runs = grid_runs(cfg)
     train = ActivationStore(train_store)
     val = ActivationStore(val_store)
     hook = train.hook(cfg.hook)
@@ -124,7 +123,7 @@ def run_sweep(cfg: SweepConfig, train_store, val_store, out, lm=None, show_progr
 
     rows = []
     for i, (arch, knob, value) in enumerate(runs):
-        tc = _train_config(cfg, arch, knob, value)
+        tc = train_config_for(cfg, arch, knob, value)
         folder = out / "saes" / f"{arch}_{knob}{value:g}_{run_hash(tc, identity)[:8]}"
         print(f"[{i + 1}/{len(runs)}] {arch} {knob}={value:g} -> {folder}", flush=True)
         train_sae(tc, train_store, folder, show_progress=show_progress)
@@ -139,10 +138,7 @@ def run_sweep(cfg: SweepConfig, train_store, val_store, out, lm=None, show_progr
                      "train_tokens": t["total_tokens"], "train_tokens_per_s": t["timings"]["tokens_per_s"],
                      "folder": str(folder.relative_to(out)), **{k: m.get(k) for k in COLUMNS if k in m}})
 
-    with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "sweep.csv", COLUMNS, rows)
     title = (f"{train.model} {hook}: d_in {rows[0]['d_in']}, d_sae {rows[0]['d_sae']}, "
              f"{rows[0]['train_tokens']:,} training tokens")
     plot_frontier(rows, "fvu", "FVU (fraction of variance unexplained)", title, out / "fvu_vs_l0.png")

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from monoscope.artifacts import atomic_path, fsync_dir, library_versions, now_iso, read_json, write_json
@@ -171,13 +170,6 @@ def _check_settings(cfg: TrainConfig, d_sae: int, world: int) -> None:
         raise MonoscopeError(f"lr must be positive, got {cfg.lr}")
 
 
-def _sample(store, hook: str, n: int, seed: int) -> torch.Tensor:
-    """A fixed random sample of rows (the same on every rank), sorted for sequential reads."""
-    n = min(n, store.num_rows)
-    idx = np.sort(np.random.default_rng([seed, 7]).choice(store.num_rows, n, replace=False))
-    return store.rows(idx, hook)
-
-
 def input_scale(sample: torch.Tensor) -> float:
     """s with E‖s·x‖² = d on the sample."""
     mean_sq = sample.double().pow(2).sum(1).mean().item()
@@ -272,18 +264,19 @@ class _MetricsLog:
 def train_sae(cfg: TrainConfig, store_folder: str | Path, out_folder: str | Path,
               show_progress: bool | None = None,
               callback: Callable[[int, dict], None] | None = None) -> Path:
-    """Train an SAE on ``store_folder`` into ``out_folder`` (resuming a checkpoint there); return the folder.
+    """Train an SAE on ``store_folder`` (an activation store, or ``synth:NAME`` / ``synth:FOLDER`` for a
+    synthetic model's endless stream, see monoscope.synth) into ``out_folder`` (resuming a checkpoint there); return the folder.
 
     A folder already holding a finished run with the same settings and data is returned untouched.
     ``callback(step, info)`` runs on rank 0 after every step (custom logging; raising stops the run).
     """
-    from monoscope.store import ActivationStore
+    from monoscope.synth.source import open_source
 
     started = time.perf_counter()
     out = Path(out_folder)
     dist_ = _init_distributed(cfg.device)
     try:
-        store = ActivationStore(store_folder)
+        store = open_source(store_folder)
         plan = _plan(cfg, store, dist_.world)
         if _already_trained(out, plan.run_hash):
             return out
@@ -301,7 +294,7 @@ def train_sae(cfg: TrainConfig, store_folder: str | Path, out_folder: str | Path
         if dist_.world > 1:
             _check_replicas_agree(run.sae)
         if dist_.main:
-            _finish(cfg, plan, run, store, store_folder, out, final, loop_seconds, time.perf_counter() - started)
+            _finish(cfg, plan, run, store, out, final, loop_seconds, time.perf_counter() - started)
         if dist_.world > 1:
             torch.distributed.barrier()
         return out
@@ -375,7 +368,7 @@ def _start(cfg: TrainConfig, plan: _Plan, store, out: Path, device) -> _Run:
     """A fresh SAE initialised from a data sample, or the checkpoint in ``out`` when there is one."""
     from monoscope.sae import build_sae
 
-    sample = _sample(store, plan.hook, cfg.sample_rows, cfg.seed)
+    sample = store.sample_rows(plan.hook, cfg.sample_rows, cfg.seed)
     scale = input_scale(sample) if cfg.normalize else 1.0
     torch.manual_seed(cfg.seed)
     sae_cfg = _sae_config(cfg, plan.d, plan.d_sae, plan.hook, store.model, plan.dead_window)
@@ -466,7 +459,7 @@ def _step(cfg: TrainConfig, plan: _Plan, run: _Run, x: torch.Tensor):
     return res
 
 
-def _finish(cfg: TrainConfig, plan: _Plan, run: _Run, store, store_folder, out: Path, final: dict,
+def _finish(cfg: TrainConfig, plan: _Plan, run: _Run, store, out: Path, final: dict,
             loop_seconds: float, seconds: float) -> None:
     """Fold the input scale into the weights, save the SAE and train.json, and drop the checkpoint."""
     run.sae.fold_input_scale(run.scale)
@@ -475,9 +468,7 @@ def _finish(cfg: TrainConfig, plan: _Plan, run: _Run, store, store_folder, out: 
     trained = plan.total_steps - run.first_step
     write_json(out / SIDECAR, {
         "kind": "sae", "run_hash": plan.run_hash, "config": to_dict(cfg), "sae_config": to_dict(run.sae_cfg),
-        "store": {"folder": os.path.relpath(Path(store_folder).resolve(), out.resolve()), "identity": plan.identity,
-                  "input_hash": store.meta.get("input_hash"), "model": store.model,
-                  "model_fingerprint": store.model_fingerprint, "hook": plan.hook, "rows": store.num_rows},
+        "store": {**store.provenance(out), "identity": plan.identity, "hook": plan.hook},
         "d_in": plan.d, "d_sae": plan.d_sae, "input_scale": run.scale, "lr": run.lr, "total_steps": plan.total_steps,
         "total_tokens": plan.total_steps * cfg.batch_size, "dead_window_tokens": plan.dead_window,
         "world_size": plan.world, "resumed_from_step": run.first_step if run.resumed else None,

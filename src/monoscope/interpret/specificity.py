@@ -21,7 +21,6 @@ precision@n is Scaling Monosemanticity's "of the top-activating inputs, what sha
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,7 +234,7 @@ def run_specificity(sae_folder: str | Path, datasets: list[str], out: str | Path
     dataset and ranked feature) and ``specificity_<dataset>.png`` (the top feature on positives vs
     negatives). Returns the path of specificity.json.
     """
-    from monoscope.artifacts import atomic_path, library_versions, now_iso, safe_filename, write_json
+    from monoscope.artifacts import library_versions, now_iso, safe_filename, write_csv, write_json
     from monoscope.models import cache_dir, load_model
     from monoscope.sae.io import load_sae
 
@@ -264,11 +263,7 @@ def run_specificity(sae_folder: str | Path, datasets: list[str], out: str | Path
         result["plot"] = plot.name
         results[ds.name] = result
         rows += [{"dataset": ds.name, **f} for f in result["features"]]
-    with atomic_path(out / "specificity.csv") as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["dataset", "rank", "feature", *COLUMNS])
-            writer.writeheader()
-            writer.writerows(rows)
+    write_csv(out / "specificity.csv", ["dataset", "rank", "feature", *COLUMNS], rows)
     path = out / "specificity.json"
     write_json(path, {"sae": str(sae_folder), "model": lm.name, "hook": sae.cfg.hook_name, "d_sae": sae.cfg.d_sae,
                       "ranked_by": rank_by, "top_n": top_n, "max_examples": max_examples, "seed": seed,

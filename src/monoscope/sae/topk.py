@@ -25,7 +25,7 @@ from monoscope.sae.base import SAE, TrainOutput, register, sum_sq, total_varianc
 Selector = Callable[[Tensor], "tuple[Tensor, Tensor | None]"]
 
 
-def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta" — the ops used here are stable
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
@@ -45,7 +45,7 @@ def _by_latent(idx: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
 def _latent_major_mm(idx: Tensor, weights: Tensor, y: Tensor, m: int) -> Tensor:
     """Σ_t Σ_s weights[t,s]·y[t] accumulated into row idx[t,s]: a sparse [m, N] × dense [N, d] product."""
     order, tokens, crow = _by_latent(idx, m)
-    g_t = _csr(crow, tokens, weights.reshape(-1)[order], (m, idx.shape[0]))
+    g_t = csr_tensor(crow, tokens, weights.reshape(-1)[order], (m, idx.shape[0]))
     return g_t @ y
 
 
@@ -53,7 +53,7 @@ def _sampled_rowdot(idx: Tensor, a: Tensor, w: Tensor) -> Tensor:
     """out[t, s] = a[t] · w[idx[t, s]] for a [N, d], w [m, d]: the dense product sampled at N·K entries."""
     n, k = idx.shape
     crow = torch.arange(0, n * k + 1, k, device=idx.device)
-    pattern = _csr(crow, idx.reshape(-1), torch.zeros(n * k, dtype=a.dtype, device=a.device), (n, w.shape[0]))
+    pattern = csr_tensor(crow, idx.reshape(-1), torch.zeros(n * k, dtype=a.dtype, device=a.device), (n, w.shape[0]))
     out = torch.sparse.sampled_addmm(pattern, a, w.t(), beta=0.0)
     return out.values().reshape(n, k)
 

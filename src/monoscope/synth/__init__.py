@@ -1,0 +1,1 @@
+"""Synthetic activations with known features (SynthSAEBench) and ground-truth metrics for SAEs."""
