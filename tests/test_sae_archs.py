@@ -1,6 +1,8 @@
 """Contract and maths of every SAE architecture (tiny sizes, CPU, a few seconds)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -309,9 +311,31 @@ def test_jumprelu_straight_through_estimators():
 def test_jumprelu_target_l0_form():
     sae = make("jumprelu", target_l0=5.0, l0_coefficient=2.0)
     out = sae.training_forward(data(), sparsity_scale=0.5)
-    l0 = out.l0
-    assert out.terms["l0_penalty"].item() == pytest.approx(((l0 / 5.0 - 1) ** 2).item(), rel=1e-5)
-    assert out.loss.item() == pytest.approx((out.terms["mse"] + 2.0 * 0.5 * out.terms["l0_penalty"]).item(), rel=1e-5)
+    l0 = out.l0.item()
+    assert out.terms["l0_penalty"].item() == pytest.approx(l0 / 5.0 - 1, rel=1e-5)  # the controller's error
+    assert out.loss.item() == pytest.approx(out.terms["mse"].item(), rel=1e-6)  # no gradient penalty
+    mu = sae.log_threshold_scale.item()
+    assert mu == pytest.approx(sae.target_rate * (l0 / 5.0 - 1), abs=1e-7)  # integrates the error
+    theta = sae.threshold.clone()
+    sae.calibrate(data())  # folds the scale into the thresholds: inference unchanged
+    assert torch.allclose(sae.threshold, theta * math.exp(mu)) and sae.log_threshold_scale.item() == 0
+
+
+@pytest.mark.parametrize("arch,knob", [("jumprelu", "target_l0"), ("batchtopk", "k"), ("matryoshka", "k")])
+def test_sparsity_lands_on_its_target(tmp_path, arch, knob):
+    """Issue 13: the requested L0 is the L0 at inference (within 10 %), on synthetic data with a known answer."""
+    from monoscope.sae.io import load_sae
+    from monoscope.synth.source import SyntheticSource
+    from monoscope.train import TrainConfig, train_sae
+
+    target = 8
+    cfg = TrainConfig(architecture=arch, d_sae=256, batch_size=512, steps=400, lr=2e-3, seed=0,
+                      checkpoint_every=0, **{knob: target})
+    train_sae(cfg, "synth:tiny", tmp_path / "sae", show_progress=False)
+    sae = load_sae(tmp_path / "sae")
+    x = next(SyntheticSource("tiny").eval_batches(4096, 4096, seed=5))[0]
+    l0 = (sae.encode(x) > 0).float().sum(1).mean().item()
+    assert abs(l0 / target - 1) < 0.10, l0
 
 
 # ---------------------------------------------------------------------------------------------------------

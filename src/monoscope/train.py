@@ -150,6 +150,14 @@ def _sae_config(cfg: TrainConfig, d_in: int, d_sae: int, hook: str, model: str, 
     return SAEConfig(**{k: v for k, v in wanted.items() if v is not None and k in names})
 
 
+def check_config(cfg: TrainConfig, d_in: int, hook: str, model: str, world: int = 1) -> int:
+    """Every setting of a run on d_in-wide activations, checked before any work; returns d_sae."""
+    d_sae = cfg.d_sae if cfg.d_sae is not None else cfg.expansion_factor * d_in
+    _check_settings(cfg, d_sae, world)
+    _sae_config(cfg, d_in, d_sae, hook, model).validate()  # architecture settings
+    return d_sae
+
+
 def _check_settings(cfg: TrainConfig, d_sae: int, world: int) -> None:
     """The trainer's own settings; the SAE's (architecture, k, coefficients...) are checked by its class."""
     if d_sae < 1 or cfg.expansion_factor < 1:
@@ -322,9 +330,7 @@ def _plan(cfg: TrainConfig, store, world: int) -> _Plan:
     """Check every setting against the store and work out the run's sizes; raise before any work."""
     hook = store.hook(cfg.hook)
     d = store.d(hook)
-    d_sae = cfg.d_sae if cfg.d_sae is not None else cfg.expansion_factor * d
-    _check_settings(cfg, d_sae, world)
-    _sae_config(cfg, d, d_sae, hook, store.model).validate()  # architecture settings
+    d_sae = check_config(cfg, d, hook, store.model, world)
     per_rank = cfg.batch_size // world
     batches_per_epoch = (store.num_rows // world) // per_rank
     if batches_per_epoch < 1:
@@ -461,7 +467,10 @@ def _step(cfg: TrainConfig, plan: _Plan, run: _Run, x: torch.Tensor):
 
 def _finish(cfg: TrainConfig, plan: _Plan, run: _Run, store, out: Path, final: dict,
             loop_seconds: float, seconds: float) -> None:
-    """Fold the input scale into the weights, save the SAE and train.json, and drop the checkpoint."""
+    """Calibrate inference on a fresh sample, fold the input scale into the weights, save the SAE and
+    train.json, and drop the checkpoint."""
+    run.sae.eval()
+    run.sae.calibrate(store.sample_rows(plan.hook, cfg.sample_rows, cfg.seed + 1).to(run.since_fired.device) * run.scale)
     run.sae.fold_input_scale(run.scale)
     _save_into(run.sae.to("cpu"), out, {"trained_by": "monoscope", "run_hash": plan.run_hash,
                                         "input_scale": run.scale})

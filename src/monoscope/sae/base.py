@@ -305,6 +305,11 @@ class SAE(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
+    def calibrate(self, sample: Tensor) -> None:
+        """After training, on a fresh sample of the training data (in training units): set what inference
+        needs beyond the weights. A no-op unless an architecture's inference differs from its training."""
+
+    @torch.no_grad()
     def fold_input_scale(self, s: float) -> None:
         """Make an SAE trained on s·x work on raw x: x̂(x) = x̂_trained(s·x)/s and f(x) = f_trained(s·x)/s.
 

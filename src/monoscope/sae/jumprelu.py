@@ -50,7 +50,12 @@ class StepFn(torch.autograd.Function):
 
 @register("jumprelu")
 class JumpReLUSAE(SAE):
-    """Loss = mse + λ·mean L0, or λ·(mean L0 / target_l0 − 1)² when ``target_l0`` is set.
+    """Loss = mse + λ·mean L0. With ``target_l0`` the L0 is held on the target instead: loss = mse, and
+    every threshold is used as θ_i·e^μ where μ integrates the L0 error, μ ← μ + r·(L0/target − 1) per
+    step (an integral controller on one global threshold scale; the θ_i still learn their relative levels
+    from the reconstruction). ``calibrate`` folds e^μ into θ at the end. Gradient penalties did not land:
+    the L0 count reaches θ only through a kernel of width ε, and the encoder's drift moved the L0 faster
+    (λ·(L0/target − 1)² at target 64 ended at L0 35; a dual-ascent multiplier at target 8 ended at 4).
 
     Unit-norm decoder (the L0 penalty does not see decoder norms, so scale must be pinned), W_enc = W_decᵀ,
     b_enc = 0, θ = ``jumprelu_init_threshold`` (or, with a target L0, the data quantile: see init_from_data).
@@ -63,6 +68,7 @@ class JumpReLUSAE(SAE):
     saelens_architecture = "jumprelu"
     sweep_knobs = ("l0_coefficient", "target_l0")  # explicit L0 coefficients win over the target-L0 default
     defaults = {"l0_coefficient": 1.0, "jumprelu_bandwidth": 0.001, "jumprelu_init_threshold": 0.001}
+    target_rate = 0.02  # r: how fast μ integrates the L0 error, per step
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -80,6 +86,7 @@ class JumpReLUSAE(SAE):
         super().__init__(cfg)
         self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
         self.threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), float(cfg.jumprelu_init_threshold)))
+        self.register_buffer("log_threshold_scale", torch.zeros(()))  # μ of the target-L0 control (checkpointed)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -87,9 +94,17 @@ class JumpReLUSAE(SAE):
             self.threshold.data = self.threshold.data.float()
         return self
 
+    def _theta(self) -> Tensor:
+        return self.threshold * self.log_threshold_scale.exp() if self.cfg.target_l0 is not None else self.threshold
+
     def encode(self, x: Tensor) -> Tensor:
         z = self.pre_acts(x)
-        return z.relu() * (z > self.threshold)
+        return z.relu() * (z > self._theta())
+
+    @torch.no_grad()
+    def calibrate(self, sample: Tensor) -> None:
+        self.threshold.copy_(self._theta())
+        self.log_threshold_scale.zero_()
 
     def training_forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
                          sparsity_scale: float = 1.0) -> TrainOutput:
@@ -97,15 +112,19 @@ class JumpReLUSAE(SAE):
         x = x.to(self.W_enc.dtype)
         z = self.pre_acts(x).relu().float()
         eps = self.cfg.jumprelu_bandwidth
-        f = JumpReLUFn.apply(z, self.threshold, eps).to(self.W_dec.dtype)
+        theta = self._theta()
+        f = JumpReLUFn.apply(z, theta, eps).to(self.W_dec.dtype)
         x_hat = self.decode(f)
         mse = sum_sq(x - x_hat)
-        l0 = StepFn.apply(z, self.threshold, eps).sum(1).mean()
+        l0 = StepFn.apply(z, theta, eps).sum(1).mean()
         if self.cfg.target_l0 is None:
             penalty = l0
+            loss = mse + self.cfg.l0_coefficient * sparsity_scale * penalty
         else:
-            penalty = (l0 / self.cfg.target_l0 - 1).pow(2)
-        loss = mse + self.cfg.l0_coefficient * sparsity_scale * penalty
+            penalty = (l0 / self.cfg.target_l0 - 1).detach()  # the controller's error, reported
+            loss = mse
+            with torch.no_grad():
+                self.log_threshold_scale.add_(self.target_rate * penalty)
         return TrainOutput(x_hat=x_hat, loss=loss, l0=l0.detach(), fired=dense_fired(f.detach()), f=f,
                            terms={"mse": mse.detach(), "l0_penalty": penalty.detach(), "l0": l0.detach()})
 
