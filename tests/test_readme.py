@@ -30,6 +30,7 @@ SHRINK = {  # subcommand -> flags that make it small enough for CI
     "evaluate": ["--max-tokens", "1024", "--lm-contexts", "2"],
     "sweep": ["--k-values", "16", "--target-l0-values", "16", "--l1-values", "5", "--d-sae", "128", "--steps", "4",
               "--batch-size", "256", "--eval-tokens", "512", "--lm-contexts", "2"],
+    "synth": ["--model", "tiny", "--d-sae", "128", "--batch-size", "256", "--tokens", "2048", "--eval-samples", "2000"],
     "probe": ["--max-examples", "40", "--max-length", "32", "--ks", "1", "4", "--methods", "mean_diff",
               "--osp-max-k", "1", "--osp-time-limit", "5"],
     "stats": ["--corr-rows", "512"],

@@ -223,3 +223,28 @@ def test_saelens_builds_the_same_model_and_samples_agree(tmp_path):
     for grp in range(t.groups):
         members = (t.group == grp).nonzero().flatten()
         assert ((samples["theirs"][:, members] > 0).sum(1) <= 1).all()
+
+
+# ------------------------------------------------------------------------------------- monoscope synth
+
+def test_synth_command_trains_scores_and_reuses(tmp_path, capsys):
+    import csv
+
+    argv = ["synth", "--model", "tiny", "--architectures", "topk", "relu", "--k-values", "8", "--l1-values", "3",
+            "--d-sae", "128", "--batch-size", "256", "--tokens", "25600", "--lr", "1e-3", "--eval-samples", "4000",
+            "--out", str(tmp_path / "s")]
+    assert main(argv) == 0
+    rows = list(csv.DictReader(open(tmp_path / "s" / "synth.csv")))
+    assert [r["architecture"] for r in rows] == ["topk", "relu"]
+    topk = rows[0]
+    assert abs(float(topk["l0"]) - 8) < 1e-6  # TopK fires exactly k latents
+    for key in ("f1", "mcc", "precision", "recall", "explained_variance"):
+        assert 0 < float(topk[key]) <= 1, (key, topk[key])
+    assert (tmp_path / "s" / "f1_vs_l0.png").stat().st_size > 1000
+    assert (tmp_path / "s" / "mcc_vs_l0.png").stat().st_size > 1000
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "saes").rglob("*.json")}
+    assert main(argv) == 0  # everything finished is reused, nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "saes").rglob("*.json")} == kept
+    capsys.readouterr()
+    _one_line_error(capsys, [*argv[:-2], "--eval-samples", "0", "--out", str(tmp_path / "t")], "eval_samples")
+    assert not (tmp_path / "t").exists()

@@ -74,6 +74,8 @@ SETUPS = {
     "train": ("train a sparse autoencoder on a store", _lazy("monoscope.train:setup_train")),
     "evaluate": ("evaluate an SAE: reconstruction, sparsity, spliced-in LM loss", _lazy("monoscope.evaluate:setup_evaluate")),
     "sweep": ("train and evaluate a grid of SAEs; frontier plots", _lazy("monoscope.sweep:setup_sweep")),
+    "synth": ("train SAEs on a synthetic model with known features and score them against it (SynthSAEBench)",
+              _lazy("monoscope.synth.bench:setup_synth")),
     "probe": ("k-sparse probing of neurons or SAE latents", _lazy("monoscope.probing.run:setup_probe")),
     "datasets": ("list the built-in probing datasets", _lazy("monoscope.probing.run:setup_datasets")),
     "stats": ("one-pass feature statistics of an SAE or of neurons", _lazy("monoscope.interpret.stats:setup_stats")),

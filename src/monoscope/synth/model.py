@@ -43,7 +43,7 @@ from monoscope.sae.topk import csr_tensor
 CONFIG_FILE = "synthetic_model_config.json"
 WEIGHTS_FILE = "synthetic_model.safetensors"
 HIERARCHY_FILE = "hierarchy.json"
-_THINNING_TAU = 2.5  # pairs with (t - m) / s below this are drawn directly; q = Phi(-2.5) ~ 0.0062
+_THINNING_TAU = 2.0  # pairs with (t - m) / s below this are drawn directly; q = Phi(-2) ~ 0.023
 _ROW_CHUNK = 512  # rows per block of the [n, F] work (keeps it in cache)
 
 
@@ -383,21 +383,25 @@ class SyntheticModel:
         one, magnitudes scaled by parent / mean(parent) where the tree says so."""
         t = self.tree
         counts = t.child_ptr[f + 1] - t.child_ptr[f]
-        rows, pv, pf = (x.repeat_interleave(counts) for x in (r, v, f))
-        first = torch.repeat_interleave(t.child_ptr[f], counts)
-        offset = torch.arange(rows.numel()) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-        kids = t.child_idx[first + offset]
+        seg = torch.repeat_interleave(torch.arange(r.numel()), counts)  # the parent pair of each draw
+        offset = torch.arange(seg.numel()) - (counts.cumsum(0) - counts)[seg]
+        kids = t.child_idx[t.child_ptr[f][seg] + offset]
+        rows = r[seg]
         m = (eps[rows] * self.factor[kids]).sum(1) if self.factor is not None else torch.zeros(kids.shape)
-        fired = torch.rand(kids.shape, generator=g) < self._p(m, kids)
-        rows, kids, pv, pf = rows[fired], kids[fired], pv[fired], pf[fired]
         mag = (self.mean[kids] + self.std[kids] * torch.randn(kids.shape, generator=g)).relu()
-        on = mag > 0
-        rows, kids, mag = rows[on], kids[on], mag[on] * torch.where(t.rescale[kids[on]], pv[on] / self.mean[pf[on]],
-                                                                        torch.ones(()))
-        return self._exclusive(rows, kids, mag, g)
+        on = (torch.rand(kids.shape, generator=g) < self._p(m, kids)) & (mag > 0)
+        seg, kids, mag = seg[on], kids[on], mag[on]
+        exclusive = t.group[kids] >= 0  # all children of one parent share its exclusivity
+        score = torch.rand(kids.shape, generator=g)
+        best = torch.full((r.numel(),), -1.0).scatter_reduce(0, seg[exclusive], score[exclusive], "amax")
+        keep = ~exclusive | (score == best[seg])
+        seg, kids, mag = seg[keep], kids[keep], mag[keep]
+        mag = mag * torch.where(t.rescale[kids], v[seg] / self.mean[f[seg]], torch.ones(()))
+        return r[seg], kids, mag
 
     def _exclusive(self, r, f, v, g):
-        """Siblings under an exclusive parent: one of those active in a row, chosen uniformly, survives."""
+        """Exclusive siblings with no parent feature (children of a node that is no feature): one of those
+        active in a row, chosen uniformly, survives."""
         grp = self.tree.group[f]
         idx = (grp >= 0).nonzero(as_tuple=True)[0]
         if idx.numel() == 0:
