@@ -579,17 +579,25 @@ def backend_failed(records: Iterable[dict]) -> list[dict]:
 
 
 def read_results(path: str | os.PathLike) -> dict[int, dict]:
-    """Finished features in a results file (JSON lines; a torn last line is ignored; later lines win)."""
+    """Finished features in a results file (JSON lines; later lines win). A torn last line (a write cut off
+    by a crash) is ignored; any other line that is not a feature record is an error naming the line."""
     done: dict[int, dict] = {}
     path = Path(path)
     if not path.exists():
         return done
-    for line in path.read_text().splitlines():
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             rec = json.loads(line)
             done[int(rec["feature"])] = rec
         except (ValueError, KeyError, TypeError):
-            continue
+            if number == len(lines) and not text.endswith("\n"):
+                continue
+            raise MonoscopeError(f"{path}: line {number} is not an explanation record; delete the file (or the "
+                                 f"line) and explain again") from None
     return done
 
 

@@ -112,6 +112,8 @@ def compute_feature_stats(store_folder, out_folder, cfg: StatsConfig, *, sae=Non
     out = Path(out_folder)
     if not force and _finished_with(out, input_hash):
         return out
+    for name in {hook, cfg.correlate_with_neurons} - {None}:
+        store.check_finite(name)  # NaN/inf anywhere (names shard and row), before anything is written
     out.mkdir(parents=True, exist_ok=True)
     timings = {"setup_s": time.perf_counter() - t0}
     codes = out / ".codes.tmp"  # the pass's sparse codes, for the context windows; deleted at the end

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 
 from monoscope.artifacts import fsync_dir, library_versions, now_iso, read_json, write_json
 from monoscope.errors import MonoscopeError
+from monoscope.interpret.autointerp import read_results
 from monoscope.report.formatting import number as _fmt, percent as _pct
 from monoscope.report.plots import svg_histogram
 
@@ -166,20 +167,9 @@ class StatsArtifact:
 
 
 def load_explanations(path: str | os.PathLike | None) -> dict[int, dict]:
-    """Records of ``explanations.jsonl`` (monoscope.interpret.autointerp) by feature id; {} if absent."""
-    if path is None:
-        return {}
-    path = Path(path)
-    if not path.exists():
-        return {}
-    out: dict[int, dict] = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-            out[int(rec["feature"])] = rec
-        except (ValueError, KeyError, TypeError):
-            continue  # torn or foreign line
-    return out
+    """Records of an ``explanations.jsonl`` (read by its owner, monoscope.interpret.autointerp) by feature id;
+    {} if absent."""
+    return {} if path is None else read_results(path)
 
 
 def explanation_scores(rec: dict | None) -> dict[str, float | None]:

@@ -196,6 +196,11 @@ def _load_saelens(path: Path) -> SAE:
     ours = meta.get("monoscope_config")
     if ours is not None:
         cfg = _our_config(ours, cfg_path)
+        for key in ("d_in", "d_sae"):
+            if key not in raw:
+                raise MonoscopeError(f"{cfg_path} has no {key!r}; SAELens needs it: save the SAE again")
+        _check_agrees(cfg, {"d_in": raw.get("d_in"), "d_sae": raw.get("d_sae"), "model_name": meta.get("model_name"),
+                            "hook_name": meta.get("hook_name")}, cfg_path)
         return _fill(_build(cfg, cfg_path), _read_safetensors(path / WEIGHTS_FILE), where)
 
     arch_name = raw.get("architecture", "standard")
@@ -221,6 +226,16 @@ def _load_saelens(path: Path) -> SAE:
     sae = _fill(_build(cfg, cfg_path), _read_safetensors(path / WEIGHTS_FILE), where)
     sae.after_saelens_load(raw)
     return sae
+
+
+def _check_agrees(cfg: SAEConfig, stated: dict[str, Any], cfg_path: Path) -> None:
+    """The SAELens-level fields of cfg.json (what other tools read) must say what monoscope's own config says;
+    a hand edit of one but not the other is an error, not a silent choice."""
+    for key, value in stated.items():
+        if value is not None and value != getattr(cfg, key):
+            raise MonoscopeError(f"{cfg_path}: {key} is {value!r} but metadata.monoscope_config says "
+                                 f"{getattr(cfg, key)!r}; the file was edited by hand, make them agree or save "
+                                 f"the SAE again")
 
 
 def _our_config(ours: Any, cfg_path: Path) -> SAEConfig:
