@@ -165,11 +165,11 @@ def test_binary_jsonl_with_spans_and_groups(tmp_path):
 def test_user_mistakes_name_the_dataset_and_the_fix(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("sentence,y\nhello,1\nworld,0\n")
-    with pytest.raises(MonoscopeError, match=r"'bad'.*\['label'\].*found columns \['sentence', 'y'\]"):
+    with pytest.raises(MonoscopeError, match=r"bad.csv'.*\['label'\].*its columns are \['sentence', 'y'\]"):
         from_file(bad, text_col="sentence")
     one = tmp_path / "one.csv"
     one.write_text("text,label\n" + "".join(f"t{i},1\n" for i in range(10)))
-    with pytest.raises(MonoscopeError, match="'one'.*single class"):
+    with pytest.raises(MonoscopeError, match="one.csv'.*single class"):
         from_file(one)
     few = tmp_path / "few.csv"
     few.write_text("text,label\na,1\nb,0\nc,0\nd,0\ne,0\n")
@@ -177,7 +177,7 @@ def test_user_mistakes_name_the_dataset_and_the_fix(tmp_path):
         from_file(few)
     span = tmp_path / "span.csv"
     span.write_text("text,label,s,e\n" + "".join(f"abc,{i % 2},0,{9 if i == 3 else 2}\n" for i in range(10)))
-    with pytest.raises(MonoscopeError, match=r"'span'.*\(0, 9\) of example 3 lies outside"):
+    with pytest.raises(MonoscopeError, match=r"span.csv' row 4: span \(0, 9\) lies outside"):
         from_file(span, span_cols=("s", "e"))
     with pytest.raises(MonoscopeError, match=r"unknown probing dataset 'lang:xx'.*sae-probes:<n>_<tag>"):
         load_dataset("lang:xx")

@@ -23,12 +23,14 @@ from monoscope.artifacts import library_versions, write_json
 from monoscope.config import from_dict, to_dict
 from monoscope.errors import MonoscopeError
 from monoscope.models import DEFAULT_MODEL, LoadedModel, load_model
+from monoscope.probing.user_data import DATASET_HELP, FileColumns
 from monoscope.stages import Run, Stage
 
 
 @dataclass
-class RunConfig:
-    """Every choice of a run. Saved as run.toml-equivalent JSON in the run folder."""
+class RunConfig(FileColumns):
+    """Every choice of a run. Saved as run.toml-equivalent JSON in the run folder. The columns of a labelled
+    file among ``probe_datasets`` come from ``FileColumns``."""
 
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "model name or folder"})
     device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda)"})
@@ -48,7 +50,7 @@ class RunConfig:
     batch_size: int = field(default=2048, metadata={"help": "SAE training batch"})
     lm_contexts: int = field(default=8, metadata={"help": "validation contexts for the spliced LM loss"})
     probe_datasets: tuple[str, ...] = field(default=("is_python_code", "lang:fr", "code:go"),
-                                            metadata={"help": "probing datasets (see `monoscope datasets`)"})
+                                            metadata={"help": DATASET_HELP})
     probe_layers: tuple[int, ...] = field(default=(), metadata={"help": "layers to probe (default: every 3rd + last)"})
     probe_ks: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32), metadata={"help": "k grid of the probes"})
     probe_methods: tuple[str, ...] = field(default=("adaptive", "mean_diff"),
@@ -141,14 +143,11 @@ def check_settings(cfg: RunConfig) -> None:
 def _check_names(cfg: RunConfig) -> None:
     """Probing datasets, explanation settings and the backend spec: known names only."""
     from monoscope.interpret.backends import make_backend
-    from monoscope.probing.datasets import list_datasets
+    from monoscope.probing.user_data import check_dataset_names
 
     if not cfg.probe_datasets:
         raise MonoscopeError("probe_datasets is empty; name one or more (see `monoscope datasets`)")
-    known = set(list_datasets(available_only=False))
-    for name in cfg.probe_datasets:
-        if name not in known:
-            raise MonoscopeError(f"unknown probing dataset {name!r}; see `monoscope datasets` for valid names")
+    check_dataset_names(cfg.probe_datasets, FileColumns.of(cfg))
     _explain_config(cfg)  # ExplainConfig checks the scores (the sizes are checked above under the run's names)
     if cfg.explain_backend and not cfg.explain_backend.startswith("hf:"):
         make_backend(cfg.explain_backend)  # a malformed or scheme-less endpoint fails here, before any work
@@ -261,12 +260,14 @@ def _saes_stage(c: _Context, ext: Stage) -> Stage:
 
 
 def _probe_stage(c: _Context, saes: Stage) -> Stage:
+    from monoscope.artifacts import sha256_file
     from monoscope.probing.run import ProbeConfig, run_probing
+    from monoscope.probing.user_data import dataset_files
 
     cfg, plan = c.cfg, c.plan
     common = dict(model=cfg.model, dataset=cfg.probe_datasets, ks=cfg.probe_ks, max_examples=cfg.probe_examples,
                   max_length=cfg.probe_max_length, seed=cfg.seed, device=cfg.device, osp_max_k=cfg.osp_max_k,
-                  osp_time_limit=cfg.osp_time_limit)
+                  osp_time_limit=cfg.osp_time_limit, **vars(FileColumns.of(cfg)))
     osp_ks = tuple(k for k in cfg.probe_ks if k <= max(cfg.osp_max_k, 1))
     sweeps = {
         "neurons": ProbeConfig(layers=tuple(plan["probe_layers"]), methods=cfg.probe_methods, **common),
@@ -283,6 +284,9 @@ def _probe_stage(c: _Context, saes: Stage) -> Stage:
         return {**{name: folder / name for name in sweeps}, "rows": rows}
     # the SAE sweep's source path is replaced by the SAEs' content hash: a copied run folder keeps its key
     settings = [c.base, {n: {**to_dict(pc), "source": pc.source.split(":")[0]} for n, pc in sweeps.items()}]
+    files = {name: sha256_file(path) for name, path in dataset_files(cfg.probe_datasets).items()}
+    if files:  # a labelled file's content is part of the key (only then, so other runs keep their keys)
+        settings.append(files)
     return c.run.stage("probe", settings, [saes], body)
 
 
@@ -374,12 +378,11 @@ def _warm_probe_cache(c: _Context, hooks: list[str]) -> None:
     """One forward pass per dataset for every raw hook the probing runs read (they then hit the cache)."""
     from monoscope.models import cache_dir
     from monoscope.probing.activations import probe_activations
-    from monoscope.probing.datasets import load_dataset
+    from monoscope.probing.user_data import resolve_datasets
 
-    for name in c.cfg.probe_datasets:
-        probe_activations(c.lm, load_dataset(name, c.cfg.probe_examples, c.cfg.seed), hooks,
-                          max_length=c.cfg.probe_max_length, cache_dir=cache_dir() / "probe-activations",
-                          progress=c.show_progress)
+    for ds in resolve_datasets(c.cfg.probe_datasets, FileColumns.of(c.cfg), c.cfg.probe_examples, c.cfg.seed):
+        probe_activations(c.lm, ds, hooks, max_length=c.cfg.probe_max_length,
+                          cache_dir=cache_dir() / "probe-activations", progress=c.show_progress)
 
 
 def _pick_main_sae(table: list[dict], architectures: tuple[str, ...]) -> str:

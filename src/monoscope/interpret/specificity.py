@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from monoscope.errors import MonoscopeError
-from monoscope.probing.datasets import MIN_PER_CLASS, ProbingDataset
+from monoscope.probing.datasets import ProbingDataset
+from monoscope.probing.user_data import DATASET_HELP, FileColumns, resolve_datasets
 
 RANK_BY = ("auc", "precision")
 MAX_EXAMPLES = 1000
-FILE_SUFFIXES = (".csv", ".jsonl", ".json")
 COLUMNS = ("auc", "precision_at_n", "precision_when_firing", "fire_rate_pos", "fire_rate_neg", "mean_pos", "mean_neg")
 
 
@@ -185,21 +185,13 @@ def _specificity(lm, sae, dataset, *, top_n, rank_by, n, **kw) -> tuple[dict, np
     return result, X
 
 
-def load_concept_datasets(names: list[str], max_examples: int = MAX_EXAMPLES, seed: int = 0) -> list[ProbingDataset]:
-    """Built-in datasets by name and user files (.csv / .jsonl, see ``from_file``), balanced-subsampled."""
-    from monoscope.probing.datasets import balanced_subsample, from_file, load_dataset
-
+def load_concept_datasets(names: list[str], max_examples: int = MAX_EXAMPLES, seed: int = 0,
+                          columns: FileColumns | None = None) -> list[ProbingDataset]:
+    """Built-in datasets by name and user files read with ``columns`` (see ``probing.user_data``), balanced."""
     if not names:
-        raise MonoscopeError("no dataset given; name one or more (see `monoscope datasets`) or give a .csv/.jsonl file")
-    if max_examples < 2 * MIN_PER_CLASS:
-        raise MonoscopeError(f"max_examples must be at least {2 * MIN_PER_CLASS}, got {max_examples}")
-    out: list[ProbingDataset] = []
-    for name in dict.fromkeys(names):
-        if Path(name).suffix.lower() in FILE_SUFFIXES:
-            out += [balanced_subsample(ds, max_examples, seed) for ds in from_file(name)]
-        else:
-            out.append(load_dataset(name, max_examples, seed))
-    return out
+        raise MonoscopeError("no dataset given; name one or more (see `monoscope datasets`) or give a .csv/.jsonl/"
+                             ".parquet file")
+    return resolve_datasets(names, columns, max_examples, seed)
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -225,11 +217,12 @@ def plot_feature_distribution(values_pos, values_neg, path: str | Path | None, t
 def run_specificity(sae_folder: str | Path, datasets: list[str], out: str | Path, lm=None, top_n: int = 20,
                     max_examples: int = MAX_EXAMPLES, *, rank_by: str = "auc", batch_size: int = 16,
                     max_length: int = 128, device: str = "cpu", seed: int = 0, precision_at: int | None = None,
-                    progress: bool | None = None) -> Path:
+                    progress: bool | None = None, columns: FileColumns | None = None) -> Path:
     """Score every latent of the SAE in ``sae_folder`` on each dataset; write specificity.json/.csv + plots.
 
     ``lm`` is a loaded model, a model name, or None for the model the SAE records; ``precision_at`` is the n
-    of precision@n (default: each dataset's number of positives). Writes into ``out``:
+    of precision@n (default: each dataset's number of positives); ``columns`` say how to read dataset files.
+    Writes into ``out``:
     ``specificity.json`` (per dataset: its facts and top features), ``specificity.csv`` (one row per
     dataset and ranked feature) and ``specificity_<dataset>.png`` (the top feature on positives vs
     negatives). Returns the path of specificity.json.
@@ -241,7 +234,8 @@ def run_specificity(sae_folder: str | Path, datasets: list[str], out: str | Path
     if rank_by not in RANK_BY:
         raise MonoscopeError(f"unknown ranking {rank_by!r}; use one of {', '.join(RANK_BY)}")
     sae = load_sae(sae_folder)
-    concept_sets = load_concept_datasets(list(datasets), max_examples, seed)  # bad names fail before the model loads
+    # bad names and files fail before the model loads
+    concept_sets = load_concept_datasets(list(datasets), max_examples, seed, columns)
     if lm is None or isinstance(lm, str):
         name = lm or sae.cfg.model_name
         if not name:
@@ -287,11 +281,10 @@ def format_table(result: dict, rows: int = 10) -> str:
 
 
 @dataclass
-class SpecificityConfig:
-    """Flags of ``monoscope specificity``."""
+class SpecificityConfig(FileColumns):
+    """Flags of ``monoscope specificity`` (a dataset file's columns come from ``FileColumns``)."""
     sae: str = field(metadata={"help": "SAE folder"})
-    dataset: tuple[str, ...] = field(metadata={
-        "help": "built-in probing datasets (see `monoscope datasets`) or .csv/.jsonl files (text,label)"})
+    dataset: tuple[str, ...] = field(metadata={"help": DATASET_HELP})
     out: str = field(metadata={"help": "folder for specificity.json, specificity.csv and plots"})
     model: str | None = field(default=None, metadata={
         "help": "model to load (default: the model the SAE was trained on)"})
@@ -316,9 +309,10 @@ def setup_specificity(p):
         from monoscope.artifacts import read_json
         from monoscope.config import from_namespace, to_dict
 
-        options = to_dict(from_namespace(SpecificityConfig, ns))
+        cfg = from_namespace(SpecificityConfig, ns)
+        options = {k: v for k, v in to_dict(cfg).items() if k not in FileColumns.names()}
         path = run_specificity(options.pop("sae"), options.pop("dataset"), options.pop("out"),
-                               lm=options.pop("model"), **options)
+                               lm=options.pop("model"), columns=FileColumns.of(cfg), **options)
         for result in read_json(path)["datasets"].values():
             print(format_table(result) + "\n")
         print(f"wrote {path}")

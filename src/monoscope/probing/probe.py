@@ -139,8 +139,9 @@ def split_by_sequence(groups, labels, test_fraction: float = 0.3, seed: int = 0)
         members = np.flatnonzero(group_label == c)
         if len(members) < 2:
             raise MonoscopeError(
-                f"class {c} has only {len(members)} sequence(s); a train/test split needs at least 2 per "
-                "class (one on each side). Collect more examples of that class."
+                f"class {c} has only {len(members)} sequence(s) (a sequence counts for the label of most of "
+                "its rows, ties for 1); a train/test split needs at least 2 per class (one on each side). Collect "
+                "more examples of that class."
             )
         n_test = min(max(1, int(round(test_fraction * len(members)))), len(members) - 1)
         test_groups.append(rng.permutation(members)[:n_test])

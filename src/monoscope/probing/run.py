@@ -20,19 +20,20 @@ from monoscope.config import to_dict
 from monoscope.errors import MonoscopeError
 from monoscope.models import DEFAULT_MODEL, LoadedModel, cache_dir, load_model
 from monoscope.probing.activations import probe_activations
-from monoscope.probing.datasets import load_dataset
 from monoscope.probing.probe import fit_probe, random_rotation, shuffle_labels, split_by_sequence
 from monoscope.probing.select import rank_features, sweep
+from monoscope.probing.user_data import DATASET_HELP, FileColumns, resolve_datasets
 
 RESULTS = "results.csv"
 
 
 @dataclass
-class ProbeConfig:
-    """One probing sweep (the API, the `monoscope probe` flags and the saved config)."""
+class ProbeConfig(FileColumns):
+    """One probing sweep (the API, the `monoscope probe` flags and the saved config); a dataset file's columns
+    come from ``FileColumns``."""
 
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "model name or folder"})
-    dataset: tuple[str, ...] = field(default=("is_python_code",), metadata={"help": "probing datasets"})
+    dataset: tuple[str, ...] = field(default=("is_python_code",), metadata={"help": DATASET_HELP})
     layers: tuple[int, ...] = field(default=(), metadata={"help": "layers to probe (default: every layer)"})
     hook_kind: str = field(default="mlp_neurons", metadata={"help": "which activations: mlp_neurons, resid_post, ..."})
     source: str = field(default="neurons", metadata={"help": "'neurons' (the raw hook) or 'sae:DIR' (its latents)"})
@@ -85,6 +86,7 @@ def run_probing(cfg: ProbeConfig, out: str | Path, lm: LoadedModel | None = None
     out = Path(out)
     if not cfg.dataset:
         raise MonoscopeError("no probing dataset given; name one or more with --dataset (see `monoscope datasets`)")
+    datasets = resolve_datasets(cfg.dataset, FileColumns.of(cfg), cfg.max_examples, cfg.seed)  # before the model
     lm = lm or load_model(cfg.model, device=cfg.device)
     encode, encode_key = None, None
     if cfg.source == "neurons":
@@ -101,7 +103,6 @@ def run_probing(cfg: ProbeConfig, out: str | Path, lm: LoadedModel | None = None
 
     for h in hooks.values():
         resolve(lm.model, h)  # bad layer / hook kind fails before any forward pass
-    datasets = [load_dataset(name, cfg.max_examples, cfg.seed) for name in cfg.dataset]
 
     rows, tops = [], {}
     # the table names an SAE by its folder's name; probe.json keeps the path as given (a copied run stays valid)
@@ -220,13 +221,35 @@ def setup_probe(p):
     return run
 
 
+@dataclass
+class DatasetsConfig(FileColumns):
+    """Flags of ``monoscope datasets``: list the built-in datasets, or check a labelled file."""
+
+    all: bool = field(default=False, metadata={"help": "also list datasets whose source is not installed"})
+    check: str = field(default="", metadata={
+        "help": "a labelled file (FILE or FILE:CLASS) to check: prints what probing reads from it (classes and "
+                "counts, aggregation, rows dropped and why, two example rows); default: list the built-in datasets"})
+
+
 def setup_datasets(p):
-    p.add_argument("--all", action="store_true", help="also list datasets whose source is not installed")
+    from monoscope.config import add_arguments
+
+    add_arguments(p, DatasetsConfig)
 
     def run(ns):
+        from monoscope.config import from_namespace
         from monoscope.probing.datasets import dataset_families, list_datasets
+        from monoscope.probing.user_data import parse_file_name, read_labelled_file
 
-        for name in list_datasets(available_only=not ns.all):
+        cfg = from_namespace(DatasetsConfig, ns)
+        if cfg.check:
+            parsed = parse_file_name(cfg.check)
+            if parsed is None:
+                raise MonoscopeError("--check takes a labelled file (.csv, .jsonl or .parquet, optionally "
+                                     f"FILE:CLASS), got {cfg.check!r}")
+            print(read_labelled_file(parsed[0], FileColumns.of(cfg)).summary(parsed[1]))
+            return
+        for name in list_datasets(available_only=not cfg.all):
             print(name)
         for prefix, why in dataset_families().items():
             if why:
