@@ -126,7 +126,8 @@ def test_gemma_scope_2_safetensors(tmp_path):
         "architecture": "jump_relu", "model_name": "gemma-v3-270m-pt",
         "hf_hook_point_in": "model.layers.6.output", "width": M}))
     sae = load_sae(tmp_path)
-    assert sae.cfg.hook_name == "model.layers.6.output" and sae.cfg.model_name == "gemma-v3-270m-pt"
+    # HF hook point and Gemma Scope 2's model name, in monoscope's names (so the SAE fits a store of that hook)
+    assert sae.cfg.hook_name == "layers.6.resid_post" and sae.cfg.model_name == "gemma-3-270m"
     x = x_data()
     with torch.no_grad():
         assert torch.allclose(sae.encode(x), _manual_jumprelu(x, t, centre=False))
@@ -157,7 +158,7 @@ def test_plain_saelens_folders(tmp_path):
     _write_saelens(tmp_path / "std", {**base, "architecture": "standard"},
                    {k: t[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec")})
     sae = load_sae(tmp_path / "std")
-    assert sae.architecture == "relu" and sae.cfg.hook_name == "blocks.0.hook_resid_pre"
+    assert sae.architecture == "relu" and sae.cfg.hook_name == "layers.0.resid_pre"  # TransformerLens name mapped
     x = x_data()
     with torch.no_grad():
         assert torch.allclose(sae.encode(x), ((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]).relu())

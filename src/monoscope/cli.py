@@ -31,8 +31,12 @@ def _setup_info(p: argparse.ArgumentParser):
     p.add_argument("--verify", action="store_true", help="recompute every shard's checksum")
 
     def run(ns):
+        from monoscope.sae.formats import describe_sae, is_sae_folder
         from monoscope.store import ActivationStore
 
+        if is_sae_folder(ns.folder):  # any layout load_sae reads: format, architecture, hook, widths, sparsity
+            print(describe_sae(ns.folder))
+            return
         store = ActivationStore(ns.folder, allow_unfinished=True)
         if ns.verify:
             store.verify()
@@ -69,7 +73,7 @@ def _lazy(target: str):
 SETUPS = {
     "run": ("the main job: extract, train SAEs, probe, interpret, steer and report", _lazy("monoscope.pipeline:setup_run")),
     "extract": ("capture activations at hook points into a store", _setup_extract),
-    "info": ("describe an activation store", _setup_info),
+    "info": ("describe an activation store or an SAE folder (any format load_sae reads)", _setup_info),
     "hookpoints": ("list a model's hook points and their widths", _setup_hookpoints),
     "train": ("train a sparse autoencoder on a store", _lazy("monoscope.train:setup_train")),
     "evaluate": ("evaluate an SAE: reconstruction, sparsity, spliced-in LM loss", _lazy("monoscope.evaluate:setup_evaluate")),
