@@ -77,6 +77,8 @@ SETUPS = {
     "hookpoints": ("list a model's hook points and their widths", _setup_hookpoints),
     "train": ("train a sparse autoencoder on a store", _lazy("monoscope.train:setup_train")),
     "evaluate": ("evaluate an SAE: reconstruction, sparsity, spliced-in LM loss", _lazy("monoscope.evaluate:setup_evaluate")),
+    "finetune": ("KL fine-tune an SAE so the model runs well on it (L0 unchanged)",
+                 _lazy("monoscope.finetune:setup_finetune")),
     "sweep": ("train and evaluate a grid of SAEs; frontier plots", _lazy("monoscope.sweep:setup_sweep")),
     "synth": ("train SAEs on a synthetic model with known features and score them against it (SynthSAEBench)",
               _lazy("monoscope.synth.bench:setup_synth")),

@@ -147,6 +147,29 @@ def store_contexts(store, n_contexts: int, bos_id: int | None) -> list[list[int]
     return out
 
 
+def replacing(fn, skip: int):
+    """A hook edit that puts ``fn(activation)`` (in float32) in place of the activation at every position from
+    ``skip`` on (skip 1 leaves the BOS position, whose activation an SAE never saw, as it is)."""
+    def hook_fn(a):
+        a = a.clone()
+        a[:, skip:] = fn(a[:, skip:].float()).to(a.dtype)
+        return a
+    return hook_fn
+
+
+def model_of_store(store, lm=None, device: str = "cpu"):
+    """The LoadedModel a store was extracted from: ``lm`` checked against the store's fingerprint, or loaded."""
+    if lm is None:
+        from monoscope.models import load_model
+
+        lm = load_model(store.model, device=device)
+    if lm.fingerprint != store.model_fingerprint:
+        raise MonoscopeError(f"the model given ({lm.name}, fingerprint {lm.fingerprint}) is not the one the "
+                             f"store was extracted from ({store.model}, fingerprint {store.model_fingerprint}); "
+                             f"pass that model or omit lm to load it")
+    return lm
+
+
 @torch.no_grad()
 def spliced_lm_metrics(sae, model, hook: str, contexts: list[list[int]], mean_act: torch.Tensor,
                        bos_id: int | None, batch_size: int = 4, show_progress=None) -> dict:
@@ -169,14 +192,6 @@ def spliced_lm_metrics(sae, model, hook: str, contexts: list[list[int]], mean_ac
             ids = torch.tensor(group[i:i + batch_size], dtype=torch.long, device=device)
             skip = 1 if bos_id is not None and bool((ids[:, 0] == bos_id).all()) else 0
 
-            def replace(fn):
-                def hook_fn(a):
-                    a = a.clone()
-                    tail = a[:, skip:]
-                    a[:, skip:] = fn(tail.float()).to(a.dtype)
-                    return a
-                return hook_fn
-
             def logprobs():
                 logits = model(input_ids=ids, use_cache=False).logits
                 return torch.log_softmax(logits[:, 1:-1].float(), dim=-1)  # predictions after BOS
@@ -191,7 +206,7 @@ def spliced_lm_metrics(sae, model, hook: str, contexts: list[list[int]], mean_ac
             }
             p_clean = clean.exp()
             for name, fn in variants.items():
-                with edit(model, hook, replace(fn)):
+                with edit(model, hook, replacing(fn, skip)):
                     lp = logprobs()
                 sums[f"ce_{name}"] += -lp.gather(-1, target[..., None]).sum().item()
                 sums[f"kl_{name}"] += (p_clean * (clean - lp)).sum().item()
@@ -239,14 +254,7 @@ def evaluate_sae(sae_or_folder, store_folder, lm=None, max_tokens: int = 200_000
     mean_act = result.pop("_mean")
 
     if lm_contexts > 0:
-        if lm is None:
-            from monoscope.models import load_model
-
-            lm = load_model(store.model, device=device)
-        if lm.fingerprint != store.model_fingerprint:
-            raise MonoscopeError(f"the model given ({lm.name}, fingerprint {lm.fingerprint}) is not the one the "
-                                 f"store was extracted from ({store.model}, fingerprint {store.model_fingerprint}); "
-                                 f"pass that model or omit lm to load it")
+        lm = model_of_store(store, lm, device)
         contexts = store_contexts(store, lm_contexts, lm.bos_token_id)
         result.update(spliced_lm_metrics(sae, lm.model, hook, contexts, mean_act, lm.bos_token_id,
                                          lm_batch_size, show_progress))
