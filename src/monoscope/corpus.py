@@ -556,30 +556,37 @@ def _folder_txt_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.txt") if p.is_file())
 
 
-def _jsonl_documents(path: Path, text_field: str | None) -> list[Document]:
-    docs = []
-    column = None
-    for i, line in enumerate(_decode(path.read_bytes(), path).splitlines()):
+def jsonl_objects(text: str, where: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSON-lines text; a line that is not a JSON object is
+    an error naming ``where`` and the line."""
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise MonoscopeError(f"{str(path)!r} line {i + 1} is not valid JSON ({err.msg}); a .jsonl file "
-                                 "holds one JSON object per line") from None
+            raise MonoscopeError(f"{where} line {number} is not valid JSON ({err.msg}); a .jsonl file holds one "
+                                 "JSON object per line") from None
         if not isinstance(record, dict):
-            raise MonoscopeError(f"{str(path)!r} line {i + 1} is a {type(record).__name__}, not a JSON object "
-                                 "with a text field")
+            raise MonoscopeError(f"{where} line {number} is a JSON {type(record).__name__}, not an object with "
+                                 "named fields")
+        yield number, record
+
+
+def _jsonl_documents(path: Path, text_field: str | None) -> list[Document]:
+    docs = []
+    column = None
+    for number, record in jsonl_objects(_decode(path.read_bytes(), path), repr(str(path))):
         if column is None or column not in record:
-            column = _text_column(list(record), text_field, path, where=f" (line {i + 1})")
+            column = _text_column(list(record), text_field, path, where=f" (line {number})")
         value = record[column]
         if value is None:
             continue
         if not isinstance(value, str):
-            raise MonoscopeError(f"{str(path)!r} line {i + 1}: field {column!r} is a {type(value).__name__}, "
+            raise MonoscopeError(f"{str(path)!r} line {number}: field {column!r} is a {type(value).__name__}, "
                                  "not a string")
         if value.strip():
-            docs.append(Document(f"{path.name}:{i}", value))
+            docs.append(Document(f"{path.name}:{number - 1}", value))
     return docs
 
 

@@ -31,6 +31,7 @@ from monoscope.errors import MonoscopeError
 from monoscope.evaluate import _load, model_of_store, replacing, store_contexts
 from monoscope.progress import progress_bar
 from monoscope.sae.compat import check_sae_fits
+from monoscope.train import lr_at
 
 LOG_FILE = "finetune.json"
 
@@ -58,11 +59,6 @@ def _check(cfg: FinetuneConfig) -> None:
         raise MonoscopeError(f"lr must be a positive number, got {cfg.lr}")
     if not (cfg.mse_coefficient >= 0 and math.isfinite(cfg.mse_coefficient)):
         raise MonoscopeError(f"mse_coefficient must be ≥ 0, got {cfg.mse_coefficient}")
-
-
-def _lr_at(step: int, total: int, base: float) -> float:
-    warm, decay = max(1, total // 10), max(1, total // 5)
-    return base * min(1.0, (step + 1) / warm, (total - step) / decay)
 
 
 def _batches(contexts: list[list[int]], cfg: FinetuneConfig) -> list[list[list[int]]]:
@@ -152,7 +148,7 @@ def _tune(sae, lm, hook: str, batches: list, cfg: FinetuneConfig, show_progress)
         ids = torch.tensor(group, dtype=torch.long, device=cfg.device)
         skip = 1 if lm.bos_token_id is not None and bool((ids[:, 0] == lm.bos_token_id).all()) else 0
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, len(batches), cfg.lr)
+            g["lr"] = lr_at(step, len(batches), cfg.lr, max(1, len(batches) // 10), 0.2)
         terms = kl_step(sae, lm.model, hook, ids, skip, cfg.mse_coefficient)
         if not torch.isfinite(terms["loss"]):
             raise MonoscopeError(f"the fine-tune's loss became non-finite at step {step}; lower --lr")

@@ -602,21 +602,12 @@ def read_results(path: str | os.PathLike) -> dict[int, dict]:
 
 
 def _repair(path: Path, done: dict[int, dict]) -> None:
-    """Rewrite the results file without torn or unreadable lines so appends start on a clean line."""
-    if not path.exists():
-        return
-    text = path.read_text()
-    if text.endswith("\n") and all(_is_record(ln) for ln in text.splitlines() if ln.strip()):
+    """After ``read_results``: rewrite a file whose last line was cut off (``done`` holds every whole record)
+    so appends start on a clean line. Every other line was a record, or reading it would have failed."""
+    if not path.exists() or path.read_text(errors="replace").endswith("\n"):
         return
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
-
-
-def _is_record(line: str) -> bool:
-    try:
-        return "feature" in json.loads(line)
-    except ValueError:
-        return False
 
 
 def _append(path: Path, record: dict) -> None:

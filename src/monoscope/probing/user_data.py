@@ -22,7 +22,6 @@ outside its text, ...) is a MonoscopeError naming the file and the row.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from monoscope.corpus import jsonl_objects
 from monoscope.errors import MonoscopeError
 from monoscope.probing.datasets import AGGREGATIONS, MIN_PER_CLASS, ProbingDataset, balanced_subsample, \
     list_datasets, load_dataset
@@ -358,20 +358,10 @@ def _read_jsonl(path: Path):
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise MonoscopeError(f"{where} is not UTF-8 text; save it as UTF-8") from None
-    records, lines = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MonoscopeError(f"{where} line {number} is not valid JSON ({err.msg}); a .jsonl file holds one "
-                                 "JSON object per line") from None
-        if not isinstance(record, dict):
-            raise MonoscopeError(f"{where} line {number} is a JSON {type(record).__name__}, not an object with "
-                                 "named fields")
-        records.append(record)
+    lines, records = [], []
+    for number, record in jsonl_objects(text, where):
         lines.append(number)
+        records.append(record)
     if not records:
         raise MonoscopeError(f"{where} holds no JSON objects; give one object per line")
     return pd.DataFrame.from_records(records, index=lines)
