@@ -76,7 +76,7 @@ def payload_report(run: Path, out: Path) -> Path:
     explained = {}
     for kind in ("features", "neurons"):
         path = out / f"{kind}.jsonl"
-        lines = [json.dumps({"unit": i, "status": "ok", "explanation": p, "detection": {"accuracy": 0.5}})
+        lines = [json.dumps({"feature": i, "status": "ok", "explanation": p, "detection": {"accuracy": 0.5}})
                  for i, p in enumerate(PAYLOADS)]
         path.write_text("\n".join(lines) + "\n")
         explained[kind] = str(path)
