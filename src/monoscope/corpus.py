@@ -36,6 +36,11 @@ User files (``load_corpus(path)``):
   id ``<file name>:<0-based line index>``.
 * ``.csv``: column ``text`` (or ``prompt``, or ``text_field=``); id ``<file name>:<0-based row>``.
 * ``.parquet``: column ``text`` (or ``prompt``, or ``text_field=``); id ``<file name>:<0-based row>``.
+* ``.arrow``: an Arrow stream or file (what ``datasets`` writes), same columns and ids as ``.parquet``.
+* a folder written by ``datasets``' ``save_to_disk`` (``state.json`` + ``*.arrow``); a ``DatasetDict``
+  folder reads its ``train`` split (name another split's folder to read that one).
+* ``hf:OWNER/NAME[:SPLIT]`` or ``hf:OWNER/NAME:CONFIG/SPLIT``: a dataset already in the local Hugging Face
+  cache (hub snapshot data files, else the ``datasets`` prepared cache); never downloads (``hf_cache``).
 
 Text files are read as UTF-8 (a leading BOM is dropped). Bytes that are not valid UTF-8 are replaced by
 U+FFFD and a warning says how many lines were affected, so one bad byte does not stop a long run.
@@ -60,6 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from monoscope import hf_cache
 from monoscope.artifacts import atomic_path
 from monoscope.errors import MonoscopeError
 
@@ -83,7 +89,9 @@ BUILTIN_SOURCES: dict[str, str] = {
 }
 
 USER_FILE_TYPES = (".txt (blank-line-separated documents), a folder of .txt files (one document per file), "
-                   ".jsonl, .csv, .parquet (text column 'text' or 'prompt')")
+                   ".jsonl, .csv, .parquet (text column 'text' or 'prompt'), a datasets save_to_disk folder, "
+                   "or hf:OWNER/NAME[:SPLIT] for a dataset in the local Hugging Face cache")
+HF_PREFIX = "hf:"
 TEXT_COLUMNS = ("text", "prompt")
 
 SAE_PROBES_INSTALL = "pip install --no-deps -r requirements-data.txt  (or: pip install --no-deps sae-probes==0.4.2)"
@@ -141,6 +149,8 @@ def _load_uncached(source: str | os.PathLike, max_documents: int | None, text_fi
         docs = udhr_documents(max_documents=max_documents)
     elif name == "default":
         docs = _default_documents(max_documents)
+    elif (tables := _dataset_files(source)) is not None:
+        docs = [d for label, path in tables for d in _file_documents(path, text_field, label)][:max_documents]
     else:
         docs = _load_path(_user_path(source), max_documents, text_field)
     if not docs:
@@ -516,6 +526,16 @@ def _user_path(source: str | os.PathLike) -> Path:
                          + f") or a path to {USER_FILE_TYPES}")
 
 
+def _dataset_files(source: str | os.PathLike) -> list[tuple[str, Path]] | None:
+    """(label, file) of a Hugging Face dataset source (``hf:REPO[:SPLIT]`` or a save_to_disk folder); None for
+    every other source."""
+    text = str(source)
+    if text.startswith(HF_PREFIX):
+        return hf_cache.dataset_files(text[len(HF_PREFIX):])
+    path = Path(source).expanduser()
+    return hf_cache.saved_dataset_files(path) if path.is_dir() else None
+
+
 def _load_path(path: Path, max_documents: int | None, text_field: str | None) -> list[Document]:
     if path.is_dir():
         docs = []
@@ -525,31 +545,59 @@ def _load_path(path: Path, max_documents: int | None, text_field: str | None) ->
                 docs.append(Document(file.relative_to(path).as_posix(), text))
         if not docs:
             raise MonoscopeError(f"folder {str(path)!r} holds no non-empty .txt files; put one document per "
-                                 ".txt file in it, or point at a .jsonl/.csv/.parquet file")
+                                 ".txt file in it, or point at a .jsonl/.csv/.parquet file or a datasets "
+                                 "save_to_disk folder")
         return docs[:max_documents] if max_documents is not None else docs
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
+    if path.suffix.lower() == ".txt":
         blocks = re.split(r"\n(?:[ \t\r\f\v]*\n)+", _decode(path.read_bytes(), path))
         blocks = [b.strip("\r\n") for b in blocks if b.strip()]
         docs = [Document(f"{path.name}:{i}", b) for i, b in enumerate(blocks)]
-    elif suffix == ".jsonl":
-        docs = _jsonl_documents(path, text_field)
-    elif suffix == ".csv":
-        docs = _csv_documents(path, text_field)
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        column = _text_column(list(pq.read_schema(path).names), text_field, path)
-        values = pq.read_table(path, columns=[column]).column(column).to_pylist()
-        bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
-        if bad is not None:
-            raise MonoscopeError(f"column {column!r} of {str(path)!r} holds non-text values (e.g. {bad!r}); "
-                                 "give a column of strings via text_field")
-        docs = [Document(f"{path.name}:{i}", v) for i, v in enumerate(values) if v and v.strip()]
+    elif path.suffix.lower() in TABLE_READERS:
+        docs = _file_documents(path, text_field, path.name)
     else:
         raise MonoscopeError(f"unsupported corpus file type {path.suffix or '(none)'!r} for {str(path)!r}; "
                              f"supported: {USER_FILE_TYPES}")
     return docs[:max_documents] if max_documents is not None else docs
+
+
+def _file_documents(path: Path, text_field: str | None, label: str) -> list[Document]:
+    """Documents of one table file (.jsonl/.json lines, .csv, .parquet, .arrow), ids ``<label>:<row>``."""
+    return TABLE_READERS[path.suffix.lower()](path, text_field, label)
+
+
+def _columnar_documents(path: Path, text_field: str | None, label: str) -> list[Document]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix.lower() == ".parquet":
+            names = list(pq.read_schema(path).names)
+            read = lambda column: pq.read_table(path, columns=[column]).column(column)  # noqa: E731
+        else:
+            table = _read_arrow(path)
+            names, read = table.column_names, table.column
+    except (pa.ArrowException, OSError) as err:
+        raise MonoscopeError(f"{str(path)!r} is not a readable {path.suffix[1:]} file ({err}); write it again "
+                             "or point at another file") from None
+    column = _text_column(names, text_field, path)
+    values = read(column).to_pylist()
+    bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
+    if bad is not None:
+        raise MonoscopeError(f"column {column!r} of {str(path)!r} holds non-text values (e.g. {bad!r}); "
+                             "give a column of strings via text_field")
+    return [Document(f"{label}:{i}", v) for i, v in enumerate(values) if v and v.strip()]
+
+
+def _read_arrow(path: Path):
+    """An Arrow IPC file as ``datasets`` writes it (stream format), or in the random-access file format."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        try:
+            return pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            source.seek(0)
+            return pa.ipc.open_file(source).read_all()
 
 
 def _folder_txt_files(folder: Path) -> list[Path]:
@@ -573,7 +621,7 @@ def jsonl_objects(text: str, where: str) -> Iterator[tuple[int, dict]]:
         yield number, record
 
 
-def _jsonl_documents(path: Path, text_field: str | None) -> list[Document]:
+def _jsonl_documents(path: Path, text_field: str | None, label: str) -> list[Document]:
     docs = []
     column = None
     for number, record in jsonl_objects(_decode(path.read_bytes(), path), repr(str(path))):
@@ -586,23 +634,27 @@ def _jsonl_documents(path: Path, text_field: str | None) -> list[Document]:
             raise MonoscopeError(f"{str(path)!r} line {number}: field {column!r} is a {type(value).__name__}, "
                                  "not a string")
         if value.strip():
-            docs.append(Document(f"{path.name}:{number - 1}", value))
+            docs.append(Document(f"{label}:{number - 1}", value))
     return docs
 
 
-def _csv_documents(path: Path, text_field: str | None) -> list[Document]:
+def _csv_documents(path: Path, text_field: str | None, label: str) -> list[Document]:
     # Whole documents can be long: lift the csv module's 128 KiB cell limit while we read.
     old_limit = csv.field_size_limit(2**31 - 1)
     try:
         reader = csv.DictReader(io.StringIO(_decode(path.read_bytes(), path), newline=""))
         column = _text_column(list(reader.fieldnames or []), text_field, path)
-        return [Document(f"{path.name}:{i}", row[column]) for i, row in enumerate(reader)
+        return [Document(f"{label}:{i}", row[column]) for i, row in enumerate(reader)
                 if isinstance(row.get(column), str) and row[column].strip()]
     except csv.Error as err:
         raise MonoscopeError(f"{str(path)!r} is not a readable CSV file ({err}); give a comma-separated file "
                              "with a header row") from None
     finally:
         csv.field_size_limit(old_limit)
+
+
+TABLE_READERS = {".jsonl": _jsonl_documents, ".json": _jsonl_documents, ".csv": _csv_documents,
+                 ".parquet": _columnar_documents, ".arrow": _columnar_documents}
 
 
 def _text_column(names: list[str], text_field: str | None, path: Path, where: str = "") -> str:
@@ -628,6 +680,8 @@ def _source_files(source: str | os.PathLike) -> list[tuple[str, Path]]:
         return [(f"udhr/{p.name}", p) for p in _udhr_files()]
     if name == "default":
         return [item for part in _default_parts() for item in _source_files(part)]
+    if (tables := _dataset_files(source)) is not None:
+        return tables
     path = _user_path(source)
     if path.is_dir():
         return [(p.relative_to(path).as_posix(), p) for p in _folder_txt_files(path)]

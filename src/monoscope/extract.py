@@ -35,7 +35,11 @@ class ExtractConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "built-in name, local folder or cached HF id"})
     hook: tuple[str, ...] = field(default=("layers.6.resid_post",),
                                   metadata={"help": "one or more hook points, captured in one pass"})
-    corpus: str = field(default="default", metadata={"help": "built-in corpus name or a txt/jsonl/csv/parquet path"})
+    corpus: str = field(default="default", metadata={
+        "help": "built-in corpus name, a txt/jsonl/csv/parquet/arrow file, a folder (of .txt files, or written by "
+                "datasets' save_to_disk) or hf:OWNER/NAME[:SPLIT] from the local Hugging Face cache"})
+    text_column: str = field(default="", metadata={
+        "help": "corpus files: the column of the texts (default: 'text', else 'prompt')"})
     tokens: int = field(default=200_000, metadata={"help": "number of activation rows to store"})
     context_length: int = field(default=128, metadata={"help": "tokens per context, BOS included"})
     batch_size: int = field(default=32, metadata={"help": "contexts per forward pass"})
@@ -98,7 +102,7 @@ def extract(cfg: ExtractConfig, out: str | Path, lm: LoadedModel | None = None,
     lm = lm or load_model(cfg.model, device=cfg.device)
     points = [resolve(lm.model, h) for h in cfg.hook]  # bad hook names fail before any work
 
-    docs = corpus_lib.load_corpus(cfg.corpus)
+    docs = corpus_lib.load_corpus(cfg.corpus, text_field=cfg.text_column or None)
     train, val = corpus_lib.split_documents(docs, cfg.val_fraction, cfg.seed)
     docs = {"train": train, "validation": val, "all": list(docs)}[cfg.split]
     if not docs:
@@ -106,7 +110,10 @@ def extract(cfg: ExtractConfig, out: str | Path, lm: LoadedModel | None = None,
                              f"use a larger corpus or another --split / --val-fraction")
 
     settings = to_dict(cfg)
-    input_hash = config_hash(settings, lm.fingerprint, corpus_lib.corpus_fingerprint(cfg.corpus))
+    if not settings["text_column"]:
+        del settings["text_column"]  # the default leaves stores written before this setting existed valid
+    input_hash = config_hash(settings, lm.fingerprint, corpus_lib.corpus_fingerprint(
+        cfg.corpus, text_field=cfg.text_column or None))
     manifest = out / "manifest.json"
     if manifest.exists():
         previous = read_json(manifest).get("meta", {}).get("input_hash")

@@ -35,6 +35,10 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
                   head_dim=8, intermediate_size=64, max_position_embeddings=256),
     "gemma2": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
                    head_dim=8, intermediate_size=64, max_position_embeddings=256, sliding_window=64),
+    "mistral": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=64, max_position_embeddings=256),
+    "qwen3": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, intermediate_size=64, max_position_embeddings=256),
     "gemma3_text": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
                         head_dim=8, intermediate_size=64, max_position_embeddings=256, sliding_window=64),
 }
@@ -85,14 +89,51 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
     torch_dtype = _torch_dtype(dtype)
     if name_or_path == DEFAULT_MODEL:
         folder = _default_model_folder()
-        loaded = _load_hf_folder(str(folder), torch_dtype, name=DEFAULT_MODEL)
+        loaded = _load_hf_folder(folder, torch_dtype, name=DEFAULT_MODEL)
     elif name_or_path.startswith(TINY_PREFIX):
         loaded = tiny_model(name_or_path[len(TINY_PREFIX):].replace("-", "_"))
         loaded.model.to(torch_dtype)
     else:
-        loaded = _load_hf_folder(name_or_path, torch_dtype, name=name_or_path)
+        loaded = _load_hf_folder(_model_folder(name_or_path), torch_dtype, name=name_or_path)
     loaded.model.to(device)
     return loaded
+
+
+def _model_folder(name_or_path: str) -> Path:
+    """A local folder, or the cached snapshot of a hub id (read from the environment now, never fetched)."""
+    from monoscope import hf_cache
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if not path.exists() and hf_cache.REPO_ID.match(name_or_path):
+        if (found := hf_cache.snapshot(name_or_path, "model")) is not None:
+            return found
+        raise MonoscopeError(f"model {name_or_path!r} is neither a local folder nor in the local Hugging Face "
+                             f"cache ({hf_cache.hub_cache()}); nothing is downloaded at run time: fetch it once "
+                             f"with 'hf download {name_or_path}', or set HF_HUB_CACHE / HF_HOME to the cache "
+                             "holding it")
+    raise MonoscopeError(f"cannot load model {name_or_path!r}: it is not a built-in name "
+                         f"({', '.join(builtin_models())}), a local model folder, or a Hugging Face id "
+                         "(OWNER/NAME) in the local cache")
+
+
+def _check_family(folder: Path) -> None:
+    """The folder's config.json names a model type the hook table knows; else say which do and how to add one."""
+    from monoscope.hookpoints import FAMILIES
+
+    config = folder / "config.json"
+    if not config.is_file():
+        raise MonoscopeError(f"{folder} has no config.json; a model folder holds config.json, the weights "
+                             "(*.safetensors) and the tokenizer files, as save_pretrained writes them")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        raise MonoscopeError(f"{config} is not a JSON object; save the model again with save_pretrained") from None
+    if model_type not in FAMILIES:
+        raise MonoscopeError(f"model family {model_type!r} ({folder}) has no hook table; supported families: "
+                             f"{', '.join(FAMILIES)}. To add one, give monoscope.hookpoints.FAMILIES an entry "
+                             "naming its blocks, attention and MLP output modules, MLP down-projection and final norm")
 
 
 def screening_copy(lm: LoadedModel) -> LoadedModel:
@@ -114,21 +155,30 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return table[dtype]
 
 
-def _load_hf_folder(name_or_path: str, torch_dtype: torch.dtype, name: str) -> LoadedModel:
+def _load_hf_folder(folder: Path, torch_dtype: torch.dtype, name: str) -> LoadedModel:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    _check_family(folder)
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise MonoscopeError(
-            f"cannot load model {name_or_path!r}: it is not a built-in name ({', '.join(builtin_models())}), "
-            f"nor a local folder with config.json + weights, nor a Hugging Face id in the local cache "
-            "(nothing is downloaded at run time)") from None
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise MonoscopeError(f"cannot load the tokenizer of model {name!r} from {folder} ({_first_line(exc)}); "
+                             "the folder needs the tokenizer files save_pretrained writes") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise MonoscopeError(f"cannot load the weights of model {name!r} from {folder} ({_first_line(exc)}); "
+                             "the folder needs config.json and complete *.safetensors weights") from None
     model.eval()
-    return LoadedModel(model, tokenizer, name, _fingerprint(model, name_or_path))
+    return LoadedModel(model, tokenizer, name, _fingerprint(model, str(folder)))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 # Config keys that say where or how a model was loaded, not what it is: the same weights converted into two

@@ -36,7 +36,9 @@ class RunConfig(FileColumns):
     device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda)"})
     layer: int | None = field(default=None, metadata={"help": "layer of the SAEs (default: a third of the depth)"})
     sae_hook_kind: str = field(default="resid_post", metadata={"help": "hook kind the SAEs read"})
-    corpus: str = field(default="default", metadata={"help": "corpus for SAE training and feature statistics"})
+    corpus: str = field(default="default", metadata={
+        "help": "corpus for SAE training and feature statistics (as extract --corpus)"})
+    corpus_column: str = field(default="", metadata={"help": "corpus files: the column of the texts"})
     tokens: int = field(default=65_536, metadata={"help": "activation rows extracted for SAE training"})
     val_tokens: int = field(default=8_192, metadata={"help": "validation rows for SAE evaluation"})
     context_length: int = field(default=128, metadata={"help": "tokens per context"})
@@ -166,7 +168,7 @@ def plan_run(cfg: RunConfig, lm: LoadedModel) -> dict[str, Any]:
     for pl in probe_layers:
         resolve(lm.model, f"layers.{pl}.mlp_neurons")
     return {"layer": layer, "sae_hook": sae_hook, "neuron_hook": neuron_hook, "probe_layers": probe_layers,
-            "corpus": corpus_fingerprint(cfg.corpus)}
+            "corpus": corpus_fingerprint(cfg.corpus, text_field=cfg.corpus_column or None)}
 
 
 def validate(cfg: RunConfig, lm: LoadedModel) -> dict[str, Any]:
@@ -226,7 +228,8 @@ def _extract_stage(c: _Context) -> Stage:
 
     cfg, plan = c.cfg, c.plan
     hooks = (plan["sae_hook"], plan["neuron_hook"])
-    common = dict(model=cfg.model, hook=hooks, corpus=cfg.corpus, context_length=cfg.context_length,
+    common = dict(model=cfg.model, hook=hooks, corpus=cfg.corpus, text_column=cfg.corpus_column,
+                  context_length=cfg.context_length,
                   device=cfg.device, seed=cfg.seed)
 
     def body(folder: Path) -> dict:
