@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from monoscope.config import add_arguments, from_namespace
-from monoscope.errors import MonoscopeError
+from monoscope.errors import MonoscopeError, MonoscopeWarning
 
 # ---------------------------------------------------------------- foundation
 def _setup_extract(p: argparse.ArgumentParser):
@@ -112,15 +112,20 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
 
 def quiet_libraries(verbose: bool = False) -> None:
     """Keep other libraries' warnings (torch, transformers: deprecations, sparse-tensor notes) out of normal
-    output; ``--verbose`` shows them."""
+    output; ``--verbose`` shows them. monoscope's own warnings always show, as one line each."""
     import logging
     import os
     import warnings
 
+    plain = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *a, **k: (
+        f"monoscope: warning: {message}\n" if issubclass(category, MonoscopeWarning)
+        else plain(message, category, *a, **k))
     if verbose:
         return
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("default", category=MonoscopeWarning)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("transformers", "accelerate", "gguf", "torch"):

@@ -60,14 +60,13 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from monoscope import hf_cache
 from monoscope.artifacts import atomic_path
-from monoscope.errors import MonoscopeError
+from monoscope.errors import MonoscopeError, warn
 
 # Bump when a loader changes what it yields, so cached artifacts keyed on a fingerprint are rebuilt.
 LOADER_VERSION = 1
@@ -706,8 +705,7 @@ def _decode(data: bytes, path: Path) -> str:
         except UnicodeDecodeError:
             bad += 1
             lines.append(line.decode("utf-8", errors="replace"))
-    warnings.warn(f"{path}: {bad} line(s) were not valid UTF-8; their bad bytes were replaced by U+FFFD",
-                  stacklevel=3)
+    warn(f"{path}: {bad} line(s) were not valid UTF-8; their bad bytes were replaced by U+FFFD")
     return "".join(lines).removeprefix("\ufeff")
 
 

@@ -23,7 +23,7 @@ from monoscope.artifacts import library_versions, now_iso, write_json
 from monoscope.config import add_arguments, from_namespace, to_dict
 from monoscope.errors import MonoscopeError
 from monoscope.progress import progress_bar
-from monoscope.sae.compat import check_sae_fits
+from monoscope.sae.compat import check_sae_fits, warn_if_implausible
 
 EVAL_FILE = "eval.json"
 HIST_EDGES = np.arange(-8.0, 0.25, 0.25)  # log10 feature density bins, 1e-8 .. 1
@@ -260,6 +260,8 @@ def evaluate_sae(sae_or_folder, store_folder, lm=None, max_tokens: int = 200_000
                                          lm_batch_size, show_progress))
 
     result = _checked(result, str(folder) if folder else "the SAE")
+    if result["fvu"] is not None:
+        warn_if_implausible(result["fvu"], result["l0"], sae.cfg.d_sae, f"hook {hook!r} of the store {store_folder}")
     target = Path(out) if out is not None else (folder / EVAL_FILE if folder else None)
     if target is not None and (target.is_dir() or target.suffix != ".json"):
         target = target / EVAL_FILE

@@ -30,7 +30,7 @@ from monoscope.config import add_arguments, from_namespace, to_dict
 from monoscope.errors import MonoscopeError
 from monoscope.evaluate import _load, model_of_store, replacing, store_contexts
 from monoscope.progress import progress_bar
-from monoscope.sae.compat import check_sae_fits
+from monoscope.selfcheck import sae_for_store
 from monoscope.train import lr_at
 
 LOG_FILE = "finetune.json"
@@ -116,7 +116,7 @@ def finetune_sae(sae_or_folder, cfg: FinetuneConfig, lm=None, show_progress: boo
     if out.exists() and any(out.iterdir()):
         raise MonoscopeError(f"--out {out} exists and is not empty; give a new folder or delete it")
     store = ActivationStore(cfg.store)
-    hook = check_sae_fits(sae, model_name=store.model, hooks=store.hooks)
+    hook = sae_for_store(sae, store)
     lm = model_of_store(store, lm, cfg.device)
     n_ctx = math.ceil(cfg.tokens / max(1, store.meta.get("config", {}).get("context_length", 128) - 2))
     batches = _batches(store_contexts(store, n_ctx, lm.bos_token_id), cfg)

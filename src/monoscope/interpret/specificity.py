@@ -31,6 +31,7 @@ import torch
 from monoscope.errors import MonoscopeError
 from monoscope.probing.datasets import ProbingDataset
 from monoscope.probing.user_data import DATASET_HELP, FileColumns, resolve_datasets
+from monoscope.selfcheck import sae_for_model
 
 RANK_BY = ("auc", "precision")
 MAX_EXAMPLES = 1000
@@ -93,22 +94,6 @@ def rank_latents(scores: dict[str, np.ndarray], rank_by: str = "auc") -> np.ndar
 
 
 # ------------------------------------------------------------------------------------------ model side
-def check_sae_for_model(lm, sae) -> str:
-    """Raise if ``sae`` does not fit ``lm`` (other model, no hook, other width); return its hook."""
-    from monoscope.hookpoints import resolve
-    from monoscope.sae.compat import check_sae_fits
-
-    check_sae_fits(sae, model_name=lm.name)
-    hook = sae.cfg.hook_name
-    if not hook:
-        raise MonoscopeError("the SAE names no hook (cfg.hook_name is empty); set it to the hook it was trained on")
-    point = resolve(lm.model, hook)
-    if point.width != sae.cfg.d_in:
-        raise MonoscopeError(f"the SAE expects d_in={sae.cfg.d_in} but hook {hook!r} of {lm.name} has width "
-                             f"{point.width}; this SAE was trained on another model or hook")
-    return hook
-
-
 def sae_key(sae) -> str:
     """A short content hash of the SAE's weights and config (names its cached activations)."""
     h = hashlib.sha256(repr(sorted(sae.config_dict().items())).encode())
@@ -123,7 +108,7 @@ def latent_activations(lm, sae, dataset: ProbingDataset, *, batch_size: int = 16
     """[examples, d_sae]: every SAE latent on each example, aggregated as the dataset says."""
     from monoscope.probing.activations import probe_activations
 
-    hook = check_sae_for_model(lm, sae)
+    hook = sae_for_model(sae, lm)
     device = next(sae.parameters()).device
 
     def encode(x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +226,7 @@ def run_specificity(sae_folder: str | Path, datasets: list[str], out: str | Path
         if not name:
             raise MonoscopeError("the SAE does not record its model; pass the model (--model)")
         lm = load_model(name, device=device)
-    check_sae_for_model(lm, sae)
+    sae_for_model(sae, lm)
     sae.to(lm.device)
 
     out = Path(out)

@@ -60,7 +60,7 @@ from monoscope.interpret.accumulate import (HIST_DECADES, HIST_PER_DECADE, corre
 from monoscope.interpret.contexts import context_lines, load_tokenizer
 from monoscope.interpret.decoder import decoder_directions, decoder_neighbours, logit_effects
 from monoscope.interpret.feature_stats import SIDECAR, FeatureStats
-from monoscope.sae.compat import check_sae_fits
+from monoscope.selfcheck import sae_for_store
 
 
 @dataclass
@@ -98,7 +98,7 @@ def compute_feature_stats(store_folder, out_folder, cfg: StatsConfig, *, sae=Non
         raise MonoscopeError(f"the activation store {store_folder} holds no rows; extract some first")
     sae, sae_source = _load_sae(sae)
     if sae is not None:
-        hook = check_sae_fits(sae, model_name=store.model, hook=hook, hooks=store.hooks)
+        hook = sae_for_store(sae, store, hook)
         sae.eval()
     else:
         hook = store.hook(hook)

@@ -40,16 +40,9 @@ class Intervention:
 
 
 def _check(lm, sae, interventions: Sequence[Intervention]) -> list[Intervention]:
-    from monoscope.hookpoints import resolve
-    from monoscope.sae.compat import check_sae_fits
+    from monoscope.selfcheck import sae_for_model
 
-    check_sae_fits(sae, model_name=lm.name)
-    if not sae.cfg.hook_name:
-        raise MonoscopeError("the SAE names no hook (cfg.hook_name is empty); set it to the hook it was trained on")
-    point = resolve(lm.model, sae.cfg.hook_name)
-    if point.width != sae.cfg.d_in:
-        raise MonoscopeError(f"the SAE expects d_in={sae.cfg.d_in} but hook {point.name!r} of {lm.name} has "
-                             f"width {point.width}; this SAE was trained on another model or hook")
+    sae_for_model(sae, lm)
     out, seen = [], set()
     for iv in interventions:
         if not isinstance(iv, Intervention):

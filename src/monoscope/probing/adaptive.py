@@ -7,13 +7,12 @@ probing modules form a one-way chain: probe <- adaptive <- osp <- select.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Iterable
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from monoscope.errors import MonoscopeError
+from monoscope.errors import MonoscopeError, warn
 from monoscope.probing.probe import (
     balanced_weights,
     check_labels,
@@ -68,7 +67,7 @@ def usable_ks(ks: Iterable[int], p: int, where: str = "sweep") -> list[int]:
         raise MonoscopeError(f"k values must be >= 1, got {ks[0]}.")
     dropped = [k for k in ks if k > p]
     if dropped:
-        warnings.warn(f"{where}: dropping k={dropped} (only {p} features available).", stacklevel=3)
+        warn(f"{where}: dropping k={dropped} (only {p} features available)")
     kept = [k for k in ks if k <= p]
     if not kept:
         raise MonoscopeError(f"{where}: every k in {ks} exceeds the {p} available features; use k <= {p}.")

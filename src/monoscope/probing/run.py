@@ -58,17 +58,14 @@ def _sae_encoder(source: str, lm: LoadedModel, layers: list[int], hook_kind: str
     The SAE must fit ``lm`` (its model, and the width of its hook there) before any forward pass.
     """
     from monoscope.artifacts import sha256_file
-    from monoscope.hookpoints import resolve
-    from monoscope.sae.compat import check_sae_fits
     from monoscope.sae.io import load_sae
+    from monoscope.selfcheck import sae_for_model
 
     folder = Path(source.split(":", 1)[1])
     sae = load_sae(folder)
-    hook = sae.cfg.hook_name
-    if not hook:
+    if not sae.cfg.hook_name:
         raise MonoscopeError(f"the SAE in {folder} does not record its hook; cannot probe its latents")
-    check_sae_fits(sae, model_name=lm.name)  # first: another model's hook names may not resolve here
-    check_sae_fits(sae, hook=hook, hooks={hook: resolve(lm.model, hook).width}, source=f"model {lm.name!r}")
+    hook = sae_for_model(sae, lm)
     weights = next(iter(sorted(folder.glob("*.safetensors"))), None)
     key = sha256_file(weights)[:16] if weights else sae.cfg.architecture
 

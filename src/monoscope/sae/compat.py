@@ -1,7 +1,7 @@
 """One compatibility check for every command that takes an SAE (stats, evaluate, steer, probe, specificity)."""
 from __future__ import annotations
 
-from monoscope.errors import MonoscopeError
+from monoscope.errors import MonoscopeError, warn
 
 
 def check_sae_fits(sae, *, model_name: str | None = None, hook: str | None = None,
@@ -36,3 +36,27 @@ def check_sae_fits(sae, *, model_name: str | None = None, hook: str | None = Non
         raise MonoscopeError(f"the SAE expects d_in={cfg.d_in} but hook {name!r} in {source} has width "
                              f"{hooks[name]}; use an SAE trained on this hook of this model")
     return name
+
+
+def implausible(fvu: float, l0: float, d_sae: int) -> str | None:
+    """Why reconstruction numbers measured on real activations say the SAE does not fit them, or None.
+
+    FVU above 1 means the reconstruction is worse than predicting the mean; an L0 of 0 means no latent
+    fires; an L0 above half the dictionary means the encoder is not sparse at all.
+    """
+    if l0 == 0:
+        return "no latent fires (L0 = 0)"
+    if l0 > d_sae / 2:
+        return f"L0 is {l0:.0f} of {d_sae} latents (more than half fire: not sparse)"
+    if not fvu == fvu or fvu > 1.0:  # NaN or worse than the mean
+        return f"the fraction of variance unexplained is {fvu:.3g} (> 1: worse than predicting the mean)"
+    return None
+
+
+def warn_if_implausible(fvu: float, l0: float, d_sae: int, where: str) -> bool:
+    """One warning line when FVU and L0 measured on real activations (``where``) say the SAE does not fit."""
+    reason = implausible(fvu, l0, d_sae)
+    if reason:
+        warn(f"the SAE may not fit {where}: {reason}; check that it was trained on this hook of this model and "
+             f"is read with its normalisation (`monoscope info SAE_FOLDER`)")
+    return reason is not None
