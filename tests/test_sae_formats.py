@@ -263,6 +263,45 @@ def test_gemma_scope_1_folder(tmp_path):
         assert close(sae.encode(X), _gemma_ref(t, X))
 
 
+# ------------------------------------------------------------------ SAELens release names, local HF cache
+RELEASE_ID = "gemma-scope-2-270m-pt-res/layer_12_width_32_l0_medium"
+
+
+def test_gemma_scope_2_release_name_from_the_hub_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    folder = write_gemma2(tmp_path)
+    by_name, by_folder = load_sae(RELEASE_ID), load_sae(folder)
+    assert by_name.cfg.hook_name == "layers.12.resid_post" and by_name.cfg.model_name == "gemma-3-270m"
+    assert by_name.content_hash() == by_folder.content_hash()
+    assert main(["info", RELEASE_ID]) == 0 and "layers.12.resid_post" in capsys.readouterr().out
+    write_gemma2(tmp_path, site="mlp_out_all", name="layer_4_width_32_l0_small")
+    assert load_sae("gemma-scope-2-270m-pt-mlp-all/layer_4_width_32_l0_small").cfg.hook_name == "layers.4.mlp_out"
+
+
+@pytest.mark.parametrize("name, match", [
+    ("gemma-scope-2-1b-it-res/layer_3_width_16k_l0_small",
+     "not in the local Hugging Face cache (TMP); nothing is downloaded at run time: fetch this SAE once with: "
+     "hf download google/gemma-scope-2-1b-it --include 'resid_post/layer_3_width_16k_l0_small/*'"),
+    ("gemma-scope-2-270m-pt-res/layer_9_width_16k_l0_big", "cached ids of gemma-scope-2-270m-pt-res: "
+                                                           "layer_12_width_32_l0_medium"),
+    ("gemma-scope-2-270m-pt-transcoders/layer_3", "transcoders are not supported"),
+    ("gemma-scope-2b-pt-res-canonical/layer_0/width_16k/canonical", "gemma-scope-2b-pt-res/layer_N/width_16k/"),
+])
+def test_release_names_that_cannot_be_read_say_why(tmp_path, monkeypatch, name, match):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    write_gemma2(tmp_path)
+    one_line_error(name, match.replace("TMP", str(tmp_path)))
+
+
+def test_gemma_scope_1_release_path_names_model_and_hook(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    write_gemma1(tmp_path / "models--google--gemma-scope-2b-pt-res" / "snapshots" / "r1")
+    sae = load_sae("gemma-scope-2b-pt-res/layer_3/width_32/average_l0_5")
+    assert (sae.cfg.model_name, sae.cfg.hook_name) == ("google/gemma-2-2b", "layers.3.resid_post")
+    with torch.no_grad():
+        assert close(sae.encode(X), _gemma_ref(gemma2_tensors(), X))
+
+
 # ----------------------------------------------------------------------------------------------- sparsify
 def test_sparsify_checkpoint(tmp_path):
     folder = write_sparsify(tmp_path)

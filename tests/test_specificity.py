@@ -180,7 +180,7 @@ def test_errors(lm):
         feature_specificity(lm, _sae(), ds, top_n=0)
     sae = _sae()
     sae.cfg.hook_name = ""
-    with pytest.raises(MonoscopeError, match="names no hook"):
+    with pytest.raises(MonoscopeError, match="does not record the hook"):
         feature_specificity(lm, sae, ds)
 
 

@@ -31,12 +31,9 @@ HIST_EDGES = np.arange(-8.0, 0.25, 0.25)  # log10 feature density bins, 1e-8 .. 
 
 def _load(sae_or_folder) -> tuple[Any, Path | None]:
     if isinstance(sae_or_folder, (str, Path)):
-        from monoscope.sae.io import load_sae
+        from monoscope.sae.formats import load_sae, sae_path
 
-        folder = Path(sae_or_folder)
-        if not folder.is_dir():
-            raise MonoscopeError(f"SAE folder {folder} does not exist; pass a folder written by `monoscope train` "
-                                 f"(cfg.json + sae_weights.safetensors)")
+        folder = sae_path(sae_or_folder)
         return load_sae(folder), folder
     return sae_or_folder, None
 

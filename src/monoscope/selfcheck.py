@@ -45,15 +45,19 @@ def sae_for_store(sae, store, hook: str | None = None) -> str:
     return hook
 
 
-def sae_for_model(sae, lm) -> str:
+def sae_for_model(sae, lm, hook: str | None = None) -> str:
     """Raise if ``sae`` does not fit ``lm`` (other model, no hook, other width), self-check it once on a few
-    short texts run through ``lm``, and return its hook."""
+    short texts run through ``lm``, and return its hook. ``hook`` names the hook of an SAE whose file does
+    not record one (Gemma Scope 1's params.npz); it must agree with the file where the file has one."""
     from monoscope.hookpoints import resolve
 
-    check_sae_fits(sae, model_name=lm.name)  # first: another model's hook names may not resolve here
+    check_sae_fits(sae, model_name=lm.name, hook=hook)  # first: another model's hook names may not resolve here
+    if hook and not sae.cfg.hook_name:
+        sae.cfg.hook_name = hook
     hook = sae.cfg.hook_name
     if not hook:
-        raise MonoscopeError("the SAE names no hook (cfg.hook_name is empty); set it to the hook it was trained on")
+        raise MonoscopeError("the SAE does not record the hook it reads; name it (monoscope steer --hook, "
+                             "probe --layers N --hook-kind KIND)")
     check_sae_fits(sae, hook=hook, hooks={hook: resolve(lm.model, hook).width}, source=f"model {lm.name!r}")
     seen = _checked_on.setdefault(sae, set())
     if (lm.name, hook) not in seen:

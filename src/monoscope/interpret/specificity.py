@@ -21,7 +21,6 @@ precision@n is Scaling Monosemanticity's "of the top-activating inputs, what sha
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,15 +93,6 @@ def rank_latents(scores: dict[str, np.ndarray], rank_by: str = "auc") -> np.ndar
 
 
 # ------------------------------------------------------------------------------------------ model side
-def sae_key(sae) -> str:
-    """A short content hash of the SAE's weights and config (names its cached activations)."""
-    h = hashlib.sha256(repr(sorted(sae.config_dict().items())).encode())
-    for name, t in sorted(sae.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def latent_activations(lm, sae, dataset: ProbingDataset, *, batch_size: int = 16, max_length: int = 128,
                        cache_dir: str | Path | None = None, progress: bool | None = None) -> np.ndarray:
     """[examples, d_sae]: every SAE latent on each example, aggregated as the dataset says."""
@@ -115,7 +105,7 @@ def latent_activations(lm, sae, dataset: ProbingDataset, *, batch_size: int = 16
         with torch.no_grad():
             return sae.encode(x.to(device))
 
-    key = sae_key(sae) if cache_dir is not None else None
+    key = sae.content_hash() if cache_dir is not None else None
     acts = probe_activations(lm, dataset, [hook], batch_size=batch_size, max_length=max_length,
                              encode={hook: encode}, encode_key=key, cache_dir=cache_dir, progress=progress)
     return acts[hook]

@@ -42,7 +42,6 @@ Modules: ``accumulate`` (the pass and its accumulators), ``decoder`` (neighbours
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -186,14 +185,9 @@ def _identity(store, hook: str, sae, sae_source: str | None, lm) -> dict[str, An
 
 
 def _sae_identity(sae, source: str | None) -> dict[str, Any]:
-    h = hashlib.sha256()
-    for name, t in sorted(sae.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
-    cfg = sae.config_dict() if hasattr(sae, "config_dict") else {}
     return {"source": source, "architecture": getattr(sae, "architecture", type(sae).__name__),
             "d_in": int(sae.cfg.d_in), "d_sae": int(sae.cfg.d_sae), "hook_name": sae.cfg.hook_name,
-            "model_name": sae.cfg.model_name, "weights_sha256": h.hexdigest()[:16], "config": cfg}
+            "model_name": sae.cfg.model_name, "content_hash": sae.content_hash(), "config": sae.config_dict()}
 
 
 def _load_sae(sae):

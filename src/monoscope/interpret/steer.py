@@ -389,6 +389,8 @@ class SteerConfig:
         "help": "clamp, add or ablate: one for all features or one per --feature (default: clamp)"})
     model: str | None = field(default=None, metadata={
         "help": "model to load (default: the model the SAE was trained on)"})
+    hook: str = field(default="", metadata={
+        "help": "the hook the SAE reads, for files that do not record it (Gemma Scope 1 params.npz)"})
     max_new_tokens: int = field(default=40, metadata={"help": "tokens generated per continuation"})
     samples: int = field(default=1, metadata={"help": "continuations per arm"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
@@ -407,6 +409,7 @@ def setup_steer(p):
         from monoscope.config import from_namespace
         from monoscope.models import load_model
         from monoscope.sae.io import load_sae
+        from monoscope.selfcheck import sae_for_model
 
         cfg = from_namespace(SteerConfig, ns)
         sae = load_sae(cfg.sae)
@@ -416,6 +419,7 @@ def setup_steer(p):
         ivs = _pair_up(list(cfg.feature), list(cfg.value), list(cfg.mode))
         lm = load_model(name, device=cfg.device)
         sae.to(lm.device)
+        sae_for_model(sae, lm, cfg.hook or None)
         pairs = generate_side_by_side(lm, sae, ns.prompt, ivs, max_new_tokens=cfg.max_new_tokens,
                                       n_samples=cfg.samples, seed=cfg.seed, temperature=cfg.temperature)
         print("steering: " + ", ".join(f"{iv.mode} #{iv.feature}" + ("" if iv.mode == "ablate" else f" = {iv.value:g}")

@@ -57,17 +57,19 @@ def _sae_encoder(source: str, lm: LoadedModel, layers: list[int], hook_kind: str
 
     The SAE must fit ``lm`` (its model, and the width of its hook there) before any forward pass.
     """
-    from monoscope.artifacts import sha256_file
-    from monoscope.sae.io import load_sae
+    from monoscope.sae.formats import load_sae, sae_path
     from monoscope.selfcheck import sae_for_model
 
-    folder = Path(source.split(":", 1)[1])
+    folder = sae_path(source.split(":", 1)[1])
     sae = load_sae(folder)
-    if not sae.cfg.hook_name:
-        raise MonoscopeError(f"the SAE in {folder} does not record its hook; cannot probe its latents")
-    hook = sae_for_model(sae, lm)
-    weights = next(iter(sorted(folder.glob("*.safetensors"))), None)
-    key = sha256_file(weights)[:16] if weights else sae.cfg.architecture
+    named = None
+    if not sae.cfg.hook_name:  # a file without its hook (Gemma Scope 1): --layers N --hook-kind KIND names it
+        if len(layers) != 1:
+            raise MonoscopeError(f"the SAE in {folder} does not record its hook; name it with one --layers N and "
+                                 f"--hook-kind KIND")
+        named = f"layers.{layers[0]}.{hook_kind}"
+    hook = sae_for_model(sae, lm, named)
+    key = sae.content_hash()
 
     def encode(x):
         import torch

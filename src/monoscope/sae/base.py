@@ -16,6 +16,8 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -334,6 +336,15 @@ class SAE(nn.Module):
 
     def config_dict(self) -> dict:
         return json_ready(dataclasses.asdict(self.cfg))
+
+    def content_hash(self) -> str:
+        """16 hex digits of sha256 over the config and every tensor, whatever file format they came from:
+        the key of everything computed from this SAE."""
+        h = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True, default=str).encode())
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}, arch={self.architecture!r})"

@@ -28,6 +28,7 @@ from monoscope.sae.base import SAE, SAEConfig
 from monoscope.sae.dictionary_learning import read_dictionary_learning
 from monoscope.sae.reading import (CANONICAL, CFG_FILE, WEIGHTS_FILE, build, canonical_hook, fill, int_setting,
                                    matrix_shape, pick, read_json_object, read_npz, read_safetensors)
+from monoscope.sae.releases import release_folder
 from monoscope.sae.saelens import read_saelens
 
 DEFAULT_GEMMA3 = "gemma-3-270m"  # monoscope's built-in name for google/gemma-3-270m
@@ -107,13 +108,25 @@ def _gemma_sae(tensors: dict[str, torch.Tensor], where: Path, model_name: str, h
     return fill(build(cfg, where), {k: v.float() for k, v in ours.items()}, str(where))
 
 
+def _gemma_scope_1_source(path: Path, layer: str | None) -> tuple[str, str]:
+    """(model, hook) from a hub-cache path such as models--google--gemma-scope-2b-pt-res/…/layer_20/…; empty
+    where the path does not say (a copied folder) or the site has no monoscope hook (attention's hook_z)."""
+    m = re.search(r"gemma-scope-(2b|9b|27b)-(pt|it)-(res|mlp)(?![a-z])", str(path.resolve()))
+    if not m or layer is None:
+        return "", ""
+    model = f"google/gemma-2-{m.group(1)}" + ("-it" if m.group(2) == "it" else "")
+    return model, f"layers.{layer}.{'resid_post' if m.group(3) == 'res' else 'mlp_out'}"
+
+
 def read_gemma_scope(path: Path) -> SAE:
     """Gemma Scope (Gemma 2): params.npz in folders such as layer_20/width_16k/average_l0_71."""
     where = path / "params.npz"
     parts = _release_parts(path, depth=3)  # layer_20/width_16k/average_l0_71
-    sae = _gemma_sae(read_npz(where), where, model_name="", hook_name="")
+    model, hook = _gemma_scope_1_source(path, parts.get("layer"))
+    sae = _gemma_sae(read_npz(where), where, model_name=model, hook_name=hook)
     _check_width(parts.get("width"), sae.cfg.d_sae, where)
-    sae.load_notes = ["hook and model are not stored in params.npz: pass the hook to use"]
+    sae.load_notes = ([f"model {model} and hook {hook} inferred from the release path"] if hook else
+                      ["hook and model are not stored in params.npz: pass the hook to use"])
     return sae
 
 
@@ -229,10 +242,18 @@ FORMATS: tuple[Format, ...] = (
 LAYOUTS = tuple(f.layout for f in FORMATS)
 
 
+def sae_path(name: str | os.PathLike) -> Path:
+    """``name`` as an SAE folder: the path itself (a file's folder) when it exists, else the cached folder of
+    a Gemma Scope SAELens ``RELEASE/SAE_ID`` (sae/releases.py), else the path as given."""
+    path = Path(name)
+    if path.exists():
+        return path.parent if path.is_file() else path
+    return release_folder(name) or path
+
+
 def find_format(folder: str | os.PathLike) -> Format | None:
     """The format of the SAE in ``folder`` (or of the folder holding the file ``folder``), None if none."""
-    path = Path(folder)
-    path = path.parent if path.is_file() else path
+    path = sae_path(folder)
     return next((f for f in FORMATS if path.is_dir() and f.matches(path)), None)
 
 
@@ -244,18 +265,17 @@ def sae_subfolders(folder: Path) -> list[str]:
 
 
 def is_sae_folder(folder: str | os.PathLike) -> bool:
-    return find_format(folder) is not None or bool(sae_subfolders(Path(folder)))
+    return find_format(folder) is not None or bool(sae_subfolders(sae_path(folder)))
 
 
 def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE from any layout of FORMATS; the result is in eval mode, with ``loaded_format`` and
     ``load_notes`` telling how it was read."""
-    path = Path(folder)
-    if path.is_file():
-        path = path.parent
+    path = sae_path(folder)
     if not path.is_dir():
         raise MonoscopeError(f"SAE folder {str(folder)!r} does not exist; pass a folder holding one of: "
-                             + "; ".join(LAYOUTS))
+                             + "; ".join(LAYOUTS) + ", or a Gemma Scope SAELens name RELEASE/SAE_ID in the "
+                             "local HF cache")
     fmt = find_format(path)
     if fmt is None:
         inner = sae_subfolders(path)
