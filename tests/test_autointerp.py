@@ -12,7 +12,7 @@ import pytest
 
 from monoscope.errors import MonoscopeError
 from monoscope.interpret.autointerp import (
-    Example, ExplainConfig, Explanation, FeatureExamples, explain, explain_features, fuzz_examples,
+    Example, ExplainConfig, Explanation, FeatureExamples, explain, explain_and_score, explain_features, fuzz_examples,
     not_ok, parse_explanation, parse_selection, parse_simulation, pearson, read_results, render, score_detection,
     score_fuzzing, score_simulation)
 from monoscope.interpret.backends import (
@@ -481,3 +481,31 @@ def test_prompt_echo_with_other_whitespace_is_rejected():
     prompt = "The following are text excerpts where it is active.\nThe tokens where it fires are marked <<like this>>"
     text, why = parse_explanation("The following are text excerpts where it is active. The tokens where", prompt=prompt)
     assert text is None and "repeats the prompt" in why
+
+
+# ---------------------------------------------------------------- the model-free baseline explainer
+def test_distinctive_tokens_against_the_corpus():
+    from monoscope.interpret.token_explainer import contains_any, describe, distinctive_tokens
+
+    firing = [" cat"] * 6 + [" the"] * 3 + [" dog"]
+    corpus = [" the"] * 40 + [" dog"] * 5 + [" mat"] * 5
+    assert distinctive_tokens(firing, corpus) == ["cat"]  # "the" fires often but is everywhere
+    assert distinctive_tokens([" a", " b", " a", " b", " c", " d"], [" z"] * 9) == ["a", "b"]  # half covered
+    assert distinctive_tokens([], corpus) == []
+    assert describe(["cat"]) == 'the token "cat"' and describe(["a", "b", "c"]) == 'the tokens "a", "b" or "c"'
+    assert contains_any(["cat"], ["The", " Cat", "!"]) and not contains_any(["cat"], ["the", " cats"])
+
+
+def test_token_baseline_replaces_an_echoing_llm_and_loses_ties_to_a_good_one():
+    echo = CallableBackend(lambda p: "The following are text excerpts where it is active" if p.startswith("We are")
+                           else oracle(p))
+    rec = explain_and_score(cat_feature(), echo, ExplainConfig(scores=("detection", "fuzzing")))
+    assert rec["explained_by"] == "tokens" and rec["explanation"] == 'the token "cat"' and rec["status"] == "ok"
+    assert rec["candidates"]["llm"]["status"] == "failed" and "repeats the prompt" in rec["candidates"]["llm"]["failure"]
+    assert rec["detection"]["accuracy"] == 1.0 and rec["candidates"]["tokens"]["rule"]["accuracy"] == 1.0
+    good = explain_and_score(cat_feature(), CallableBackend(oracle), ExplainConfig(scores=("detection",)))
+    assert good["explained_by"] == "llm" and good["explanation"] == 'the word "cat".'
+    assert good["candidates"]["tokens"]["detection"]["accuracy"] == good["detection"]["accuracy"] == 1.0
+    plain = explain_and_score(cat_feature(), CallableBackend(oracle), ExplainConfig(scores=("detection",),
+                                                                                    baseline=False))
+    assert plain["explained_by"] == "llm" and "candidates" not in plain

@@ -177,7 +177,7 @@ def test_explain_command_fails_loudly_and_rerun_points_at_retry_failed(tmp_path,
         return 200, chat("Explanation: tokens near the start" if prompt.startswith("We are") else "[1, 2]"), 0
     with FakeServer(script, max_requests=20) as srv:
         assert run_explain(stats, srv.url, "--features", "0", "1", "--retry-failed") == 0
-        assert srv.count == 2 * 3  # per feature: explanation + two detection groups
+        assert srv.count == 2 * 5  # per feature: explanation + two detection groups, two more for the token baseline
     assert [r["status"] for r in read_results(stats / "explanations.jsonl").values()] == ["ok", "ok"]
 
 

@@ -31,6 +31,7 @@ from monoscope.artifacts import atomic_path, fsync_dir
 from monoscope.errors import MonoscopeError
 from monoscope.interpret.backends import Backend, BackendError, make_backend
 from monoscope.interpret.feature_stats import FeatureStats
+from monoscope.interpret.token_explainer import contains_any, describe as describe_tokens, distinctive_tokens
 
 SCORES = ("detection", "fuzzing", "simulation")
 
@@ -175,13 +176,27 @@ def parse_explanation(raw: str, max_chars: int = 200, prompt: str = "") -> tuple
         if _is_garbage(text):
             continue
         flat = " ".join(text.split()).lower()
-        if len(flat) >= 12 and flat[:60] in flat_prompt:  # a base model often continues by quoting the task
-            echoed = True
+        if (len(flat) >= 12 and flat[:60] in flat_prompt) or _paraphrases_task(text):
+            echoed = True  # a base model often continues by quoting or rewording the task
             continue
         return text, None
     if echoed:
         return None, f"completion only repeats the prompt: {raw.strip()[:80]!r}"
     return None, f"garbage completion: {raw.strip()[:80]!r}"
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+TASK_WORDS = _words(EXPLAIN_PROMPT.replace("{examples}", " "))
+TASK_SHINGLES = {tuple(TASK_WORDS[i:i + 4]) for i in range(len(TASK_WORDS) - 3)}
+
+
+def _paraphrases_task(text: str) -> bool:
+    """Does ``text`` repeat four words in a row of the instructions ("...text excerpts where it is active")?"""
+    words = _words(text)
+    return any(tuple(words[i:i + 4]) in TASK_SHINGLES for i in range(len(words) - 3))
 
 
 def _is_garbage(text: str) -> bool:
@@ -515,6 +530,9 @@ class ExplainConfig:
     concurrency: int = field(default=4, metadata={"help": "parallel requests for HTTP backends"})
     retry_failed: bool = field(default=False, metadata={"help": "redo features whose earlier attempt failed "
                                                                   "or is partial"})
+    baseline: bool = field(default=True, metadata={
+        "help": "also explain each unit by its most distinctive firing tokens (model-free), score both the same "
+                "way and keep the better"})
 
     def __post_init__(self) -> None:
         bad = [s for s in self.scores if s not in SCORES]
@@ -526,30 +544,55 @@ class ExplainConfig:
 
 
 def explain_and_score(fx: FeatureExamples, backend: Backend, config: ExplainConfig | None = None) -> dict:
-    """Explain one feature on the even-indexed examples and score it on the odd-indexed ones."""
+    """Explain one feature on the even-indexed examples and score it on the odd-indexed ones.
+
+    With ``config.baseline`` the model-free token explanation (token_explainer.py) is scored too, by the same
+    scorer on the same excerpts; the record's explanation and scores are the better one's (``explained_by``),
+    and ``candidates`` keeps both.
+    """
     cfg = config or ExplainConfig()
     if not fx.top:
         return dict(status="failed", failure="no activating examples (dead feature?)")
     if len(fx.top) + len(fx.intervals) >= 2:
-        shown = FeatureExamples(fx.feature, fx.top[0::2], fx.intervals[0::2])
+        shown = FeatureExamples(fx.feature, fx.top[0::2], fx.intervals[0::2], fx.negatives[0::2])
         held = fx.top[1::2] + fx.intervals[1::2]
     else:
-        shown, held = fx, list(fx.top)
+        shown, held = FeatureExamples(fx.feature, fx.top, [], fx.negatives[0::2]), list(fx.top)
+    rng = random.Random(cfg.seed * 1_000_003 + fx.feature)
+    activating = rng.sample(held, min(cfg.n_score, len(held)))
+    negatives = rng.sample(fx.negatives[1::2], min(cfg.n_score, len(fx.negatives[1::2])))
     expl = explain(shown, backend, max_examples=cfg.n_explain, max_tokens=cfg.max_tokens,
                    temperature=cfg.temperature)
+    candidates = {"llm": _scored(expl, activating, negatives, fx, backend, cfg)}
+    if cfg.baseline and not str(expl.failure).startswith("backend:"):  # a backend that is down scores nothing
+        tokens = explain_by_tokens(shown, cfg.n_explain)
+        base = _scored(tokens, activating, negatives, fx, backend, cfg)
+        if tokens.ok:
+            words = distinctive_tokens_of(tokens)
+            truth = [True] * len(activating) + [False] * len(negatives)
+            pred = [contains_any(words, e.tokens) for e in activating + negatives]
+            base["rule"] = dict(classification_metrics(truth, pred), n=len(truth), failures=0)
+        candidates["tokens"] = base
+    chosen = max(candidates, key=lambda name: (_merit(candidates[name], cfg.scores), name == "llm"))
+    rec = dict(candidates[chosen], explained_by=chosen)
+    if len(candidates) > 1:
+        rec["candidates"] = candidates
+    return rec
+
+
+def _scored(expl: Explanation, activating: list[Example], negatives: list[Example], fx: FeatureExamples,
+            backend: Backend, cfg: ExplainConfig) -> dict:
+    """One explanation with every configured score, its status and (when not ok) the reason."""
     rec: dict[str, Any] = dict(explanation=expl.text, raw=expl.raw[:1000])
     if not expl.ok:
         return dict(rec, status="failed", failure=expl.failure)
-    rng = random.Random(cfg.seed * 1_000_003 + fx.feature)
-    activating = rng.sample(held, min(cfg.n_score, len(held)))
-    negatives = rng.sample(fx.negatives, min(cfg.n_score, len(fx.negatives)))
     seed = cfg.seed + fx.feature
-    top = fx.max_act
     if "detection" in cfg.scores:
         rec["detection"] = (score_detection(expl, activating, negatives, backend, seed, group_size=cfg.group_size)
                             if negatives else dict(failure="no non-activating examples to contrast with", n=0))
     if "fuzzing" in cfg.scores:
-        rec["fuzzing"] = score_fuzzing(expl, activating, backend, seed, group_size=cfg.group_size, max_act=top)
+        rec["fuzzing"] = score_fuzzing(expl, activating, backend, seed, group_size=cfg.group_size,
+                                       max_act=fx.max_act)
     if "simulation" in cfg.scores:
         half = max(1, cfg.n_score // 2)
         rec["simulation"] = score_simulation(expl, activating[:half] + negatives[:half], backend)
@@ -558,6 +601,36 @@ def explain_and_score(fx: FeatureExamples, backend: Backend, config: ExplainConf
     if missing:
         rec["failure"] = f"score(s) missing or failed: {', '.join(missing)}"
     return rec
+
+
+def _merit(candidate: dict, scores: Iterable[str]) -> tuple[int, float]:
+    """How a candidate ranks: ok before partial before failed, then the mean of its scores' headline values
+    (accuracy; Pearson r for simulation), a missing value counting as 0."""
+    rank = {"ok": 2, "partial": 1}.get(candidate.get("status"), 0)
+    values = [(candidate.get(s) or {}).get("pearson" if s == "simulation" else "accuracy") for s in scores]
+    values = [v if isinstance(v, (int, float)) and math.isfinite(v) else 0.0 for v in values]
+    return rank, sum(values) / max(1, len(values))
+
+
+def explain_by_tokens(features: FeatureExamples, max_examples: int = 20) -> Explanation:
+    """The model-free baseline: the tokens the feature fires on most distinctively against the tokens of
+    non-activating contexts (and of the non-firing positions of the shown excerpts)."""
+    shown = _pick_shown(features, max_examples)
+    top = features.max_act
+    firing, corpus = [], [t for e in features.negatives for t in e.tokens]
+    for e in shown:
+        marks = set(_firing(e, top))
+        firing += [t for i, t in enumerate(e.tokens) if i in marks]
+        corpus += [t for i, t in enumerate(e.tokens) if i not in marks]
+    words = distinctive_tokens(firing, corpus)
+    if not words:
+        return Explanation("", "", "", failure="no token stands out at the firing positions")
+    return Explanation(describe_tokens(words), "", json.dumps(words))
+
+
+def distinctive_tokens_of(expl: Explanation) -> list[str]:
+    """The tokens of a token explanation (kept in its ``raw``)."""
+    return list(json.loads(expl.raw))
 
 
 def _score_ok(score: Any) -> bool:

@@ -94,10 +94,15 @@ def _explanations(path: str | None) -> pd.DataFrame:
         return pd.DataFrame()
     rows = []
     for unit, rec in sorted(read_results(path).items()):
+        other = (rec.get("candidates") or {}).get("tokens" if rec.get("explained_by") == "llm" else "llm") or {}
         rows.append({"unit": unit, "explanation": rec.get("explanation") or f"(failed: {rec.get('failure', '?')})",
+                     "by": {"llm": "LLM", "tokens": "token baseline"}.get(rec.get("explained_by"), "LLM"),
                      "detection acc": (rec.get("detection") or {}).get("accuracy"),
                      "fuzzing acc": (rec.get("fuzzing") or {}).get("accuracy"),
-                     "simulation r": (rec.get("simulation") or {}).get("pearson")})
+                     "simulation r": (rec.get("simulation") or {}).get("pearson"),
+                     "other explainer": other.get("explanation") or (f"(failed: {other['failure']})"
+                                                                     if other.get("failure") else ""),
+                     "its detection acc": (other.get("detection") or {}).get("accuracy")})
     return pd.DataFrame(rows)
 
 
@@ -166,9 +171,13 @@ def _explain_section(cfg, explained: dict) -> dict:
                             for label, frame in (("SAE features", feats), ("MLP neurons", neus))])
     backend = cfg.explain_backend or "hf:" + cfg.model
     return {"title": "Most interpretable features (automated interpretability)", "browser_links": True,
-            "blocks": [_p(f"Explanations written and scored by {backend}. A small local model writes weak "
-                          "explanations; the scores measure that honestly. Browse every feature and neuron in the "
-                          "browsers linked here."),
+            "blocks": [_p(f"Explanations written and scored by {backend}, each beside the model-free baseline "
+                          "(the unit's most distinctive firing tokens against random corpus contexts), scored by the "
+                          "same judge on the same held-out excerpts; a unit shows the better of the two ('by'), so an "
+                          "LLM explanation appears only where it beat the baseline. A small local model writes weak "
+                          "explanations and judges weakly; the scores measure that honestly, and with 2 scored "
+                          "excerpts per class a unit's accuracy is one of a handful of values. Browse every feature "
+                          "and neuron in the browsers linked here."),
                        _p("Neurons vs features on the same scores", "h3"), _table(compare),
                        _p("SAE features", "h3"), _table(feats), _p("MLP neurons", "h3"), _table(neus)]}
 
