@@ -241,3 +241,34 @@ def test_sweep_rows_and_dropped_ks():
     assert best > 0.7
     with pytest.raises(MonoscopeError, match="unknown sweep method"):
         sweep(X[train], y[train], X[test], y[test], methods=["magic"])
+
+
+def test_dense_probe_is_the_same_objective_and_reports_an_interval():
+    """Above NEWTON_MAX_K columns the probe is fitted by scikit-learn's L-BFGS: same weights as our Newton."""
+    from monoscope.probing import probe as P
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((300, 40))
+    y = (X[:, 0] - X[:, 1] + rng.standard_normal(300) > 0).astype(int)
+    cols = np.arange(40)
+    newton = P._fit_probe(X, y, np.array([0, 1]), cols, 1.0)
+    old, P.NEWTON_MAX_K = P.NEWTON_MAX_K, 10
+    try:
+        lbfgs = P._fit_probe(X, y, np.array([0, 1]), cols, 1.0)
+    finally:
+        P.NEWTON_MAX_K = old
+    np.testing.assert_allclose(lbfgs.coef, newton.coef, atol=1e-4)
+    [row] = sweep(X[:200], y[:200], X[200:], y[200:], ks=(1,), methods=("dense",))
+    assert row["method"] == "dense" and row["k"] == 40 and row["features"] == list(range(40))
+    assert row["f1_low"] <= row["f1"] <= row["f1_high"] and row["f1_high"] - row["f1_low"] > 0.02
+
+
+def test_f1_interval_is_a_percentile_bootstrap():
+    from monoscope.probing.probe import f1_interval
+
+    y = np.array([1] * 50 + [0] * 50, bool)
+    assert f1_interval(y, y) == (1.0, 1.0)
+    pred = y.copy()
+    pred[:10] = False  # recall 0.8, precision 1: F1 0.889
+    low, high = f1_interval(y, pred)
+    assert 0.80 < low < 0.889 < high < 0.96

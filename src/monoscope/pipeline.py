@@ -55,7 +55,7 @@ class RunConfig(FileColumns):
                                             metadata={"help": DATASET_HELP})
     probe_layers: tuple[int, ...] = field(default=(), metadata={"help": "layers to probe (default: every 3rd + last)"})
     probe_ks: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32), metadata={"help": "k grid of the probes"})
-    probe_methods: tuple[str, ...] = field(default=("adaptive", "mean_diff"),
+    probe_methods: tuple[str, ...] = field(default=("adaptive", "mean_diff", "dense"),
                                            metadata={"help": "feature-selection methods of the layer sweep"})
     osp_max_k: int = field(default=4, metadata={"help": "largest k of optimal sparse probing (at the SAE layer)"})
     osp_time_limit: float = field(default=10.0, metadata={"help": "seconds per optimal-sparse-probing solve"})
@@ -274,11 +274,12 @@ def _probe_stage(c: _Context, saes: Stage) -> Stage:
     osp_ks = tuple(k for k in cfg.probe_ks if k <= max(cfg.osp_max_k, 1))
     sweeps = {
         "neurons": ProbeConfig(layers=tuple(plan["probe_layers"]), methods=cfg.probe_methods, **common),
-        "sae": ProbeConfig(source=f"sae:{saes['main']}", methods=("mean_diff", "adaptive"), controls=False, **common),
+        "sae": ProbeConfig(source=f"sae:{saes['main']}", methods=("mean_diff", "adaptive", "dense"), controls=False,
+                           **common),
         "osp": ProbeConfig(layers=(plan["layer"],), methods=("osp", "mean_diff", "adaptive", "l1_logreg"),
                            controls=False, **{**common, "ks": osp_ks}),
-        "resid": ProbeConfig(layers=(plan["layer"],), hook_kind=cfg.sae_hook_kind, methods=("mean_diff", "adaptive"),
-                             controls=False, **common)}
+        "resid": ProbeConfig(layers=(plan["layer"],), hook_kind=cfg.sae_hook_kind,
+                             methods=("mean_diff", "adaptive", "dense"), controls=False, **common)}
 
     def body(folder: Path) -> dict:
         _warm_probe_cache(c, [f"layers.{layer}.mlp_neurons" for layer in plan["probe_layers"]] + [plan["sae_hook"]])

@@ -398,8 +398,18 @@ def _fit_probe(X_train, y01, classes, features, C) -> Probe:
     """fit_probe without the input checks, for loops that already validated everything once."""
     Xs = X_train[:, features]
     mean, scale = fit_standardizer(Xs)
-    w, b = fit_logistic(standardize(Xs, mean, scale), y01, C=C, sample_weight=balanced_weights(y01))
+    Z, s = standardize(Xs, mean, scale), balanced_weights(y01)
+    if len(features) <= NEWTON_MAX_K:
+        w, b = fit_logistic(Z, y01, C=C, sample_weight=s)
+    else:  # a dense probe: the k x k Hessian is too big; L-BFGS on the same objective
+        from sklearn.linear_model import LogisticRegression
+
+        fit = LogisticRegression(C=C, tol=1e-8, max_iter=5000).fit(Z, y01, sample_weight=s)
+        w, b = fit.coef_.ravel(), float(fit.intercept_[0])
     return Probe(features, w, b, mean, scale, classes, C)
+
+
+NEWTON_MAX_K = 512  # wider probes (the dense baseline on every neuron or latent) go to scikit-learn's L-BFGS
 
 
 def evaluate(probe: Probe, X_test, y_test) -> dict:
@@ -444,14 +454,31 @@ def binary_metrics(y01: np.ndarray, score: np.ndarray) -> dict:
         auc = (ranks[y01].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     else:
         auc = float("nan")
+    low, high = f1_interval(y01, pred)
     return {
         "f1": f1,
+        "f1_low": low,
+        "f1_high": high,
         "mcc": mcc,
         "precision": precision,
         "recall": recall,
         "accuracy": (tp + tn) / len(y01),
         "roc_auc": float(auc),
     }
+
+
+def f1_interval(y01: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of F1 over the test examples (resampled with replacement)."""
+    n = len(y01)
+    if n == 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    t, p = y01[idx], pred[idx]
+    tp = (t & p).sum(1)
+    wrong = (t ^ p).sum(1)
+    f1 = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 0.0)
+    low, high = np.percentile(f1, [2.5, 97.5])
+    return float(low), float(high)
 
 
 # ----------------------------------------------------------------------------------------------------

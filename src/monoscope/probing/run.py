@@ -39,8 +39,9 @@ class ProbeConfig(FileColumns):
     source: str = field(default="neurons", metadata={"help": "'neurons' (the raw hook) or 'sae:DIR' (its latents)"})
     ks: tuple[int, ...] = field(default=(1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 32, 64, 128, 256),
                                 metadata={"help": "sparsity levels"})
-    methods: tuple[str, ...] = field(default=("adaptive", "mean_diff", "f_stat", "l1_logreg", "random"),
-                                     metadata={"help": "ways to choose the k features (also: mutual_info, osp)"})
+    methods: tuple[str, ...] = field(default=("adaptive", "mean_diff", "f_stat", "l1_logreg", "random", "dense"),
+                                     metadata={"help": "ways to choose the k features (also: mutual_info, osp); "
+                                                       "'dense' is the L2 probe on every unit, the ceiling"})
     osp_max_k: int = field(default=4, metadata={"help": "largest k for optimal sparse probing"})
     osp_time_limit: float = field(default=60.0, metadata={"help": "seconds per OSP solve"})
     max_examples: int = field(default=2000, metadata={"help": "examples per dataset (balanced)"})
@@ -165,11 +166,14 @@ def _plots(table: pd.DataFrame, out: Path) -> None:
 
     plt = _plt()
     real = table[table.control == "none"]
+    dense, real = real[real.method == "dense"], real[real.method != "dense"]
     for name, part in real.groupby("dataset"):
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
         best = part.groupby(["layer", "k"]).f1.max().reset_index()
         for layer, curve in best.groupby("layer"):
-            ax.plot(curve.k, curve.f1, marker="o", ms=3, label=f"layer {layer}")
+            line, = ax.plot(curve.k, curve.f1, marker="o", ms=3, label=f"layer {layer}")
+            ceiling = dense[(dense.dataset == name) & (dense.layer == layer)]
+            ax.scatter(ceiling.k, ceiling.f1, marker="x", color=line.get_color())  # x: dense probe on every unit
         ax.set_xscale("log", base=2)
         ax.set(xlabel="k (features in the probe)", ylabel="test F1 (best method)", title=f"{name}: F1 vs k")
         ax.legend(fontsize=6, ncol=2)

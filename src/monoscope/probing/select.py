@@ -164,7 +164,7 @@ def sweep(
             f"X_test has {X_test.shape[1]} features but X_train has {X_train.shape[1]}; use the same columns."
         )
     ks = usable_ks(ks, X_train.shape[1])
-    known = set(RANKERS) | {"adaptive", "osp"}
+    known = set(RANKERS) | {"adaptive", "osp", "dense"}
     for m in methods:
         if m not in known:
             raise MonoscopeError(f"unknown sweep method {m!r}; choose from {sorted(known)}.")
@@ -191,7 +191,9 @@ def _test_labels(y_test, classes, n_rows):
 def _sweep_method(method, X_train, y01, classes, X_test, y_test01, ks, C, seed, osp_options):
     t0 = time.perf_counter()
     extra: dict[int, dict] = {}
-    if method == "adaptive":
+    if method == "dense":  # the ceiling: one L2 probe on every column (its row's k is the column count)
+        chosen = {X_train.shape[1]: np.arange(X_train.shape[1])}
+    elif method == "adaptive":
         chosen = {k: f for k, (f, _) in adaptive_supports(X_train, y01, ks).items()}
     elif method == "osp":
         opts = dict(osp_options or {})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from monoscope.artifacts import atomic_path
@@ -73,18 +74,29 @@ def neuron_findings(neurons: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 
 def latents_vs_neurons(neurons: pd.DataFrame, sae: pd.DataFrame, resid: pd.DataFrame, layer: int) -> pd.DataFrame:
-    """Per dataset at the SAE layer: best F1 of neurons, residual dimensions and SAE latents at k=1 and 16."""
+    """Per dataset at the SAE layer: best F1 of neurons, residual dimensions and SAE latents at k=1 and 16, and
+    the dense probe on all of them (the ceiling), each with its 95 % bootstrap interval over test examples."""
     parts = []
     for label, frame in (("MLP neurons", neurons), ("residual dims", resid), ("SAE latents", sae)):
         if frame.empty:
             continue
-        f = frame[(frame.control == "none") & (frame.layer == layer) & frame.k.isin([1, 16])]
-        g = f.groupby(["dataset", "k"]).f1.max().unstack("k")
-        g.columns = [f"{label} k={k}" for k in g.columns]
-        parts.append(g)
+        f = frame[(frame.control == "none") & (frame.layer == layer)]
+        f = f.assign(column=np.where(f.method == "dense", f"{label} dense", label + " k=" + f.k.astype(str)))
+        f = f[(f.method == "dense") | f.k.isin([1, 16])]
+        best = f.loc[f.groupby(["dataset", "column"]).f1.idxmax()]
+        parts.append(best.assign(cell=[with_interval(r.f1, getattr(r, "f1_low", None), getattr(r, "f1_high", None))
+                                       for r in best.itertuples()]).pivot(index="dataset", columns="column",
+                                                                           values="cell"))
     if not parts:
         return pd.DataFrame()
     return pd.concat(parts, axis=1).reset_index()
+
+
+def with_interval(value, low, high) -> str:
+    """'0.82 [0.71, 0.90]' (the value alone where no interval was recorded)."""
+    if low is None or high is None or not (low == low and high == high):
+        return f"{value:.2f}"
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def _explanations(path: str | None) -> pd.DataFrame:
