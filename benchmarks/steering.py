@@ -46,7 +46,7 @@ def main():
     if ns.feature is None:
         demo = find_steering_feature(lm, sae, stats, cfg)
     else:
-        demo = measure_feature(lm, sae, candidate_of(lm, stats, ns.feature, cfg), cfg, "given with --feature")
+        demo = measure_feature(lm, sae, candidate_of(lm, stats, ns.feature, cfg), cfg, "given with --feature", stats)
     res = demo.to_dict()
     sae = sae_folder
     eff = res["effect"]

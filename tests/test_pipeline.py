@@ -68,6 +68,10 @@ def test_steering_demo_measures_a_concept_feature(tiny_run):
         assert len(steering["texts"][arm]) == eff[arm]["keyword_rate"]["n"]
     assert steering["mode"] == "clamp" and steering["keywords"] and steering["screen"]["candidates"] >= 1
     assert 0.0 <= eff["keyword_p_value"] <= 1.0 and steering["screen"]["activation"] >= 0.0
+    base = steering["baseline"]  # the difference-of-means direction, same prompts, seeds and sample count
+    assert base["steered"]["keyword_rate"]["n"] == eff["steered"]["keyword_rate"]["n"] and base["norm"] > 0
+    assert -1.0 <= base["cosine_with_feature"] <= 1.0 and base["n_positive"] >= 1 and base["n_negative"] >= 1
+    assert "difference of means" in (tiny_run / "report.html").read_text()
     found = concept_candidates(str(tiny_run / "stats" / "features"), common={"the"})
     assert all(c["share"] >= 0.3 and c["word"] != "the" and "the" not in c["keywords"] for c in found)
 

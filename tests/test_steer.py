@@ -193,3 +193,14 @@ def test_cli(tmp_path, sae, capsys):
                       "--feature", "3", "--value", "5", "--mode", "clamp", "--max-new-tokens", "4", "hi there"]))
     out = capsys.readouterr().out
     assert "default" in out and "steered" in out and "add #2 = 200" in out and "clamp #3 = 5" in out
+
+
+def test_add_vector_shifts_every_position_but_bos(lm):
+    from monoscope.interpret.steer import add_vector
+
+    plain = acts_after(lm)
+    vec = torch.arange(32, dtype=torch.float32) / 10
+    with add_vector(lm, HOOK, vec):
+        shifted = acts_after(lm)
+    torch.testing.assert_close(shifted[1:], plain[1:] + vec)
+    torch.testing.assert_close(shifted[0], plain[0])

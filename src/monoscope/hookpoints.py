@@ -189,6 +189,18 @@ def run_with_capture(model: torch.nn.Module, names, input_ids: torch.Tensor, sto
     return acts
 
 
+@torch.no_grad()
+def text_activations(lm, hook: str, texts) -> torch.Tensor:
+    """[tokens, width]: the activations at ``hook`` of every token of ``texts`` (one forward pass each, the
+    BOS position left out), for a LoadedModel ``lm``."""
+    rows = []
+    for text in texts:
+        ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
+        skip = 1 if lm.bos_token_id is not None and ids.shape[1] > 1 and ids[0, 0].item() == lm.bos_token_id else 0
+        rows.append(run_with_capture(lm.model, [hook], ids)[hook][0, skip:].float())
+    return torch.cat(rows)
+
+
 @contextlib.contextmanager
 def edit(model: torch.nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the activation at hook ``name`` by ``fn(activation)`` for forward passes inside the block."""

@@ -49,7 +49,7 @@ def sae_for_model(sae, lm, hook: str | None = None) -> str:
     """Raise if ``sae`` does not fit ``lm`` (other model, no hook, other width), self-check it once on a few
     short texts run through ``lm``, and return its hook. ``hook`` names the hook of an SAE whose file does
     not record one (Gemma Scope 1's params.npz); it must agree with the file where the file has one."""
-    from monoscope.hookpoints import resolve
+    from monoscope.hookpoints import resolve, text_activations
 
     check_sae_fits(sae, model_name=lm.name, hook=hook)  # first: another model's hook names may not resolve here
     if hook and not sae.cfg.hook_name:
@@ -62,17 +62,5 @@ def sae_for_model(sae, lm, hook: str | None = None) -> str:
     seen = _checked_on.setdefault(sae, set())
     if (lm.name, hook) not in seen:
         seen.add((lm.name, hook))
-        self_check(sae, _model_acts(lm, hook), f"hook {hook!r} of {lm.name}")
+        self_check(sae, text_activations(lm, hook, SAMPLE_TEXTS), f"hook {hook!r} of {lm.name}")
     return hook
-
-
-def _model_acts(lm, hook: str) -> torch.Tensor:
-    """Activations at ``hook`` for SAMPLE_TEXTS, each without its BOS position."""
-    from monoscope.hookpoints import run_with_capture
-
-    rows = []
-    for text in SAMPLE_TEXTS:
-        ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
-        skip = 1 if lm.bos_token_id is not None and ids[0, 0].item() == lm.bos_token_id else 0
-        rows.append(run_with_capture(lm.model, [hook], ids)[hook][0, skip:].float())
-    return torch.cat(rows)

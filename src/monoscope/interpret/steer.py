@@ -20,7 +20,7 @@ import re
 import shutil
 import textwrap
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ def _check(lm, sae, interventions: Sequence[Intervention]) -> list[Intervention]
     return out
 
 
-def _directions(sae, features: list[int]) -> torch.Tensor:
+def directions(sae, features: list[int]) -> torch.Tensor:
     """d_i = decode(e_i) − decode(0) for the chosen latents [n, d_in] (raw activation space)."""
     p = next(sae.parameters())
     eye = torch.zeros(len(features) + 1, sae.cfg.d_sae, dtype=p.dtype, device=p.device)
@@ -79,7 +79,7 @@ def steer(lm, sae, interventions: Sequence[Intervention], skip_bos: bool = True)
 
     ivs = _check(lm, sae, interventions)
     feats = [iv.feature for iv in ivs]
-    dirs = _directions(sae, feats)
+    dirs = directions(sae, feats)
     values = torch.tensor([iv.value for iv in ivs], dtype=dirs.dtype, device=dirs.device)
     is_clamp = torch.tensor([iv.mode in ("clamp", "ablate") for iv in ivs], device=dirs.device)
     any_clamp = bool(is_clamp.any())
@@ -98,6 +98,22 @@ def steer(lm, sae, interventions: Sequence[Intervention], skip_bos: bool = True)
         return new
 
     with edit(lm.model, sae.cfg.hook_name, fn):
+        yield
+
+
+@contextlib.contextmanager
+def add_vector(lm, hook: str, vector: torch.Tensor, skip_bos: bool = True) -> Iterator[None]:
+    """Add ``vector`` [d] to the activation at ``hook`` at every position (BOS left alone) inside the block:
+    steering by a direction that is not an SAE latent, such as a difference of means."""
+    from monoscope.hookpoints import edit
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        new = x + vector.to(x.dtype)
+        if skip_bos and x.dim() == 3 and x.shape[1] > 1:
+            new[:, 0] = x[:, 0]
+        return new
+
+    with edit(lm.model, hook, fn):
         yield
 
 
@@ -231,7 +247,8 @@ def _summary(x: np.ndarray) -> dict[str, float]:
 
 def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str], *, mode: str = "clamp",
                     n_samples: int = 20, max_new_tokens: int = 40, temperature: float = 0.7, seed: int = 0,
-                    keywords: Sequence[str] | None = None, n_boot: int = 1000) -> dict:
+                    keywords: Sequence[str] | None = None, n_boot: int = 1000,
+                    steered: Callable[[], ContextManager] | None = None) -> dict:
     """Does steering feature ``feature`` make the generations express it?
 
     For each prompt, ``n_samples`` default and steered continuations are drawn (same seeds). Each
@@ -240,6 +257,8 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
     difference with a bootstrap 95% interval, the share of distinct tokens per continuation (readability:
     steering too hard makes text loop), and, if ``keywords`` are given, the share of continuations that
     mention one (whole words, see ``mentions``) with its standard error and ``keyword_p_value``.
+    ``steered``: a context manager factory to steer with instead of the feature (e.g. ``add_vector`` of a
+    baseline direction); the feature's activation on the text still measures the concept.
     """
     if n_samples < 2:
         raise MonoscopeError(f"n_samples must be at least 2 for a standard error (20 or more is advised), got {n_samples}")
@@ -251,7 +270,7 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
     for p_i, prompt in enumerate(prompts):
         ids = _prompt_ids(lm, prompt)
         for arm in arms:
-            ctx = steer(lm, sae, ivs) if arm == "steered" else contextlib.nullcontext()
+            ctx = ((steered or (lambda: steer(lm, sae, ivs)))() if arm == "steered" else contextlib.nullcontext())
             with ctx:
                 new = _sample(lm, ids, n_samples, max_new_tokens, temperature, seed + p_i)
             arms[arm]["act"].append(_features_on_generated(lm, sae, ids, new, [ivs[0].feature] * len(new)))
@@ -311,7 +330,7 @@ def screen_features(lm, sae, features: Sequence[int], values: Sequence[float], k
     out = {int(f): {"feature": int(f), "hits": 0, "n": 0, "distinct": [], "act": []} for f in features}
     for start in range(0, len(features), batch):
         feats = [int(f) for f in features[start:start + batch]]
-        dirs = _directions(sae, feats)
+        dirs = directions(sae, feats)
         vals = torch.tensor([float(v) for v in values[start:start + batch]], dtype=dirs.dtype, device=dirs.device)
         idx = torch.tensor(feats, device=dirs.device)
 

@@ -14,6 +14,8 @@ then measure that on fresh seeds.
 4. ``steering_effect`` measures the pick on other seeds in full precision: keyword rate (Fisher exact
    p-value), the feature's activation on the generated text and the distinct-token share, default vs steered.
    Choosing on the screen and measuring on fresh samples keeps the reported effect free of the selection.
+5. ``baseline_effect`` steers the same concept by its difference-of-means direction at matched norm on the
+   same prompts and seeds: SAE steering is worth reporting only beside it.
 """
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from monoscope.artifacts import read_json, write_json
 from monoscope.errors import MonoscopeError
-from monoscope.interpret.steer import (Intervention, continuations, generate_side_by_side, mentions, screen_features,
-                                       steering_effect, words)
+from monoscope.interpret.steer import (Intervention, add_vector, continuations, directions, generate_side_by_side,
+                                       mentions, screen_features, steering_effect, words)
 
 PROMPTS = ("I think that", "The most important thing is", "Here is a short story:")
 KEYWORD_MAX_SHARE = 0.2  # a keyword found in more unsteered continuations than this cannot show an increase
@@ -67,6 +71,7 @@ class SteeringDemo:
     examples: list = field(default_factory=list)
     prompt: str = PROMPTS[0]
     mode: str = "clamp"
+    baseline: dict = field(default_factory=dict)  # the difference-of-means direction on the same prompts/seeds
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=_plain))
@@ -244,24 +249,56 @@ def find_steering_feature(lm, sae, stats_folder: str | Path, cfg: DemoConfig | N
     pick, screen = _screen_rounds(lm, sae, found, plain, cfg)
     explanation = (explanations or {}).get(pick["feature"]) or (
         f"its top examples sit on the word '{pick['word']}' ({pick['share']:.0%} of them)")
-    demo = measure_feature(lm, sae, pick, cfg, explanation)
+    demo = measure_feature(lm, sae, pick, cfg, explanation, stats_folder)
     demo.screen = screen
     return demo
 
 
-def measure_feature(lm, sae, candidate: dict, cfg: DemoConfig, explanation: str = "") -> SteeringDemo:
-    """Measure one candidate (a ``concept_candidates`` entry) on the demo's fresh seeds, in full precision."""
+def measure_feature(lm, sae, candidate: dict, cfg: DemoConfig, explanation: str = "",
+                    stats_folder: str | Path | None = None) -> SteeringDemo:
+    """Measure one candidate (a ``concept_candidates`` entry) on the demo's fresh seeds, in full precision;
+    with ``stats_folder``, also the difference-of-means baseline for the same concept (``baseline_effect``)."""
     feature, value = candidate["feature"], steering_value(candidate["max"])
     effect = steering_effect(lm, sae, feature, value, list(PROMPTS), n_samples=cfg.per_prompt,
                              max_new_tokens=cfg.tokens, seed=cfg.seed, keywords=candidate["keywords"])
     texts = {arm: effect[arm].pop("texts") for arm in ("default", "steered")}
     pairs = generate_side_by_side(lm, sae, PROMPTS[0], [Intervention(feature, value, "clamp")],
                                   max_new_tokens=cfg.tokens, n_samples=3, seed=cfg.seed)
+    baseline = baseline_effect(lm, sae, stats_folder, candidate, cfg) if stats_folder is not None else {}
     return SteeringDemo(feature=feature, value=value, keywords=candidate["keywords"],
-                        effect=json.loads(json.dumps(effect, default=_plain)), texts=texts,
+                        effect=json.loads(json.dumps(effect, default=_plain)), texts=texts, baseline=baseline,
                         keyword=candidate.get("word", ""),
                         keyword_share_of_top_examples=candidate.get("share", 0.0),
                         density=candidate.get("density", 0.0), explanation=explanation, examples=pairs)
+
+
+def baseline_effect(lm, sae, stats_folder: str | Path, candidate: dict, cfg: DemoConfig) -> dict:
+    """The same concept steered by its difference-of-means direction (AxBench's baseline): the mean activation
+    at the SAE's hook over the feature's top-example windows minus that over non-activating windows, scaled to
+    the norm the clamp adds at most (value × ‖d_i‖) and added at every position, measured like the feature on
+    the same prompts and seeds (keyword rate, the feature's activation on the text, distinct-token share)."""
+    from monoscope.hookpoints import text_activations
+    from monoscope.interpret.feature_stats import FeatureStats
+
+    feature, value, hook = candidate["feature"], steering_value(candidate["max"]), sae.cfg.hook_name
+    fx = FeatureStats(stats_folder).examples(feature, n_negatives=24, seed=cfg.seed)
+    positives, negatives = [e.text for e in fx.top], [e.text for e in fx.negatives]
+    if not positives or not negatives:
+        return {"failure": "no top examples or no non-activating windows to take the means of"}
+    diff = text_activations(lm, hook, positives).mean(0) - text_activations(lm, hook, negatives).mean(0)
+    d_i = directions(sae, [feature])[0].float().to(diff.device)
+    norm = abs(value) * float(d_i.norm())
+    vector = diff / diff.norm().clamp_min(1e-12) * norm
+    effect = steering_effect(lm, sae, feature, value, list(PROMPTS), n_samples=cfg.per_prompt,
+                             max_new_tokens=cfg.tokens, seed=cfg.seed, keywords=candidate["keywords"],
+                             steered=lambda: add_vector(lm, hook, vector))
+    effect["steered"].pop("texts")
+    return json.loads(json.dumps({
+        "direction": "difference of means (top-example windows minus non-activating windows), norm matched",
+        "n_positive": len(positives), "n_negative": len(negatives), "norm": norm,
+        "cosine_with_feature": float(torch.nn.functional.cosine_similarity(diff, d_i, dim=0)),
+        "steered": effect["steered"], "difference": effect["difference"],
+        "keyword_p_value": effect.get("keyword_p_value")}, default=_plain))
 
 
 def candidate_of(lm, stats_folder: str | Path, feature: int, cfg: DemoConfig) -> dict:

@@ -199,10 +199,32 @@ def _steer_section(steering: dict) -> dict:
               .rename(columns={"index": "measure", 0: "value"}))
     return {"title": "Steering", "blocks": [
         _p(f"Feature {steering.get('feature')} ({steering.get('explanation') or 'no explanation'}) clamped to "
-           f"{number(steering.get('value'), 2)} during generation. Its own activation on the generated text "
-           f"(re-encoded without steering):"), _table(effect), _p("Side by side", "h3"),
+           f"{number(steering.get('value'), 2)} during generation, picked by a screen of "
+           f"{(steering.get('screen') or {}).get('candidates', '?')} candidate features and measured here on fresh "
+           f"seeds. Its own activation on the generated text (re-encoded without steering):"), _table(effect),
+        *_steer_baseline(steering), _p("Side by side", "h3"),
         *({"kind": "pair", "default": p.get("default", ""), "steered": p.get("steered", "")}
           for p in steering.get("examples", []))]}
+
+
+def _steer_baseline(steering: dict) -> list[dict]:
+    """The difference-of-means direction for the same concept beside the feature, same prompts and seeds."""
+    base, effect = steering.get("baseline") or {}, steering.get("effect") or {}
+    if not base.get("steered"):
+        return [_p(f"No difference-of-means baseline: {base.get('failure', 'not measured')}.")] if base else []
+    rows = []
+    for label, arm, p in (("unsteered", effect.get("default", {}), None),
+                          ("SAE feature (clamp)", effect.get("steered", {}), effect.get("keyword_p_value")),
+                          ("difference of means (add, matched norm)", base["steered"], base.get("keyword_p_value"))):
+        kw = arm.get("keyword_rate") or {}
+        rows.append({"steered by": label, "keyword rate": kw.get("mean"), "hits / n": f"{kw.get('hits')}/{kw.get('n')}",
+                     "keyword p (vs unsteered)": p, "feature activation": (arm.get("mean_activation") or {}).get("mean"),
+                     "distinct-token share": (arm.get("distinct_tokens") or {}).get("mean")})
+    return [_p("Against the baseline", "h3"),
+            _p(f"The difference-of-means direction of the same concept ({base['n_positive']} top-example windows "
+               f"minus {base['n_negative']} non-activating ones; cosine {number(base.get('cosine_with_feature'), 2)} "
+               f"with the feature's decoder direction), added at the clamp's norm on the same prompts and seeds."),
+            _table(pd.DataFrame(rows))]
 
 
 def _settings_section(cfg, ext: dict, probe: dict, timings: dict, versions: dict) -> dict:
