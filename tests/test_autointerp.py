@@ -492,6 +492,7 @@ def test_distinctive_tokens_against_the_corpus():
     assert distinctive_tokens(firing, corpus) == ["cat"]  # "the" fires often but is everywhere
     assert distinctive_tokens([" a", " b", " a", " b", " c", " d"], [" z"] * 9) == ["a", "b"]  # half covered
     assert distinctive_tokens([], corpus) == []
+    assert distinctive_tokens(["<eos>"] * 5 + [" x"] * 3, [" y"] * 9) == ["x"]
     assert describe(["cat"]) == 'the token "cat"' and describe(["a", "b", "c"]) == 'the tokens "a", "b" or "c"'
     assert contains_any(["cat"], ["The", " Cat", "!"]) and not contains_any(["cat"], ["the", " cats"])
 

@@ -2,7 +2,7 @@
 
 The tokens at the unit's firing positions are compared with the tokens of random corpus contexts by
 smoothed log-odds, ((c_fire + 1) / (n_fire + V)) / ((c_corpus + 1) / (n_corpus + V)) with V the number of
-distinct tokens seen; those fired on at least twice (once when the unit fired fewer than four times) are
+distinct tokens seen; special tokens (<eos>, <bos>, …) are never chosen; those fired on at least twice (once when the unit fired fewer than four times) are
 ranked by it, and the best are kept until they cover half of the firing positions or three are chosen. The
 explanation reads 'the tokens "def", "class" or "import"' and can also be scored as a rule: an excerpt is
 predicted to activate exactly when it contains one of the tokens. An LLM explanation worth reading should
@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Iterable
 
 MAX_TOKENS = 3
+SPECIAL = {"<eos>", "<bos>", "<pad>", "<unk>", "<s>", "</s>", "<|endoftext|>", "<start_of_turn>", "<end_of_turn>"}
 
 
 def normalise(token: str) -> str:
@@ -25,7 +26,7 @@ def normalise(token: str) -> str:
 
 def distinctive_tokens(firing: Iterable[str], corpus: Iterable[str], max_tokens: int = MAX_TOKENS) -> list[str]:
     """The tokens that best tell ``firing`` (tokens at firing positions) from ``corpus`` (background tokens)."""
-    fire = Counter(t for t in map(normalise, firing) if t)
+    fire = Counter(t for t in map(normalise, firing) if t and t not in SPECIAL)  # never "the token <eos>"
     back = Counter(t for t in map(normalise, corpus) if t)
     n_fire, n_back = sum(fire.values()), sum(back.values())
     if not n_fire:
