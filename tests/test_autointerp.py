@@ -14,7 +14,7 @@ from monoscope.errors import MonoscopeError
 from monoscope.interpret.autointerp import (
     Example, ExplainConfig, Explanation, FeatureExamples, explain, explain_and_score, explain_features, fuzz_examples,
     not_ok, parse_explanation, parse_selection, parse_simulation, pearson, read_results, render, score_detection,
-    score_fuzzing, score_simulation)
+    score_fuzzing, score_intruder, score_simulation)
 from monoscope.interpret.backends import (
     BackendError, CachedBackend, CallableBackend, HFBackend, OpenAIBackend, make_backend)
 
@@ -52,6 +52,9 @@ def oracle(prompt: str) -> str:
             if ok:
                 picked.append(int(k))
         return json.dumps(picked)
+    if "Odd one out:" in prompt:
+        return json.dumps([int(k) for k, text in re.findall(r"^Excerpt (\d+): (.*)$", prompt, re.MULTILINE)
+                           if "cat" not in text.split()])
     if "The tokens, one per line:" in prompt:
         block = prompt.split("The tokens, one per line:\n")[1].split("\n\nReply with")[0]
         return "\n".join(f"{t}\t{10 if t == 'cat' else 0}" for t in block.splitlines())
@@ -510,3 +513,16 @@ def test_token_baseline_replaces_an_echoing_llm_and_loses_ties_to_a_good_one():
     plain = explain_and_score(cat_feature(), CallableBackend(oracle), ExplainConfig(scores=("detection",),
                                                                                     baseline=False))
     assert plain["explained_by"] == "llm" and "candidates" not in plain
+
+
+def test_intruder_score_against_an_oracle_and_a_guesser():
+    fx = cat_feature(n=12)
+    good = score_intruder(fx.top[:8], fx.negatives[:2], CallableBackend(oracle), group_size=5)
+    assert good == {"accuracy": 1.0, "chance": 0.2, "n": 2, "failures": 0}
+    first = score_intruder(fx.top[:8], fx.negatives[:2], CallableBackend(lambda p: "[1]"), seed=1, group_size=5)
+    assert first["n"] == 2 and first["accuracy"] in (0.0, 0.5, 1.0)
+    vague = score_intruder(fx.top[:8], fx.negatives[:2], CallableBackend(lambda p: "[1, 2]"), group_size=5)
+    assert vague["n"] == 0 and vague["failures"] == 2 and "not one excerpt" in vague["failure_reason"]
+    assert "failure" in score_intruder(fx.top[:3], fx.negatives[:2], CallableBackend(oracle), group_size=5)
+    rec = explain_and_score(fx, CallableBackend(oracle), ExplainConfig())  # every score, intruder included
+    assert rec["status"] == "ok" and rec["intruder"]["accuracy"] == 1.0

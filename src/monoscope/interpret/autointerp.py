@@ -6,6 +6,8 @@
   ones (no marks shown)? -> accuracy, precision, recall, F1.
 * ``score_fuzzing``: activating excerpts with either the truly firing tokens marked or as many random
   ones; can the LLM tell which marking fits the explanation? -> accuracy, F1.
+* ``score_intruder`` (delphi): no explanation; among excerpts where the feature fires one does not belong
+  (a non-activating one) — can the LLM name it? -> accuracy against chance 1/group.
 * ``score_simulation``: the LLM predicts each token's activation (0-10); Pearson correlation with the
   true activations over all tokens.
 * ``explain_features``: all of the above for many features, one JSON line per finished feature, so an
@@ -33,7 +35,8 @@ from monoscope.interpret.backends import Backend, BackendError, make_backend
 from monoscope.interpret.feature_stats import FeatureStats
 from monoscope.interpret.token_explainer import contains_any, describe as describe_tokens, distinctive_tokens
 
-SCORES = ("detection", "fuzzing", "simulation")
+EXPLANATION_SCORES = ("detection", "fuzzing", "simulation")  # each scores one explanation
+SCORES = EXPLANATION_SCORES + ("intruder",)  # intruder scores the unit itself, with no explanation
 
 
 # ---------------------------------------------------------------- inputs
@@ -325,6 +328,49 @@ def score_detection(explanation: Explanation | str, activating: list[Example], n
                             group_size, max_tokens)
 
 
+INTRUDER_PROMPT = """Below are {n} numbered text excerpts. A feature inside a language model fires in all of them but
+one: that one was put in at random. Which excerpt is the odd one out?
+
+{examples}
+
+Reply with the number of that one excerpt, e.g. [2].
+Odd one out:"""
+
+
+def score_intruder(activating: list[Example], non_activating: list[Example], backend: Backend, seed: int = 0, *,
+                   group_size: int = 5, max_tokens: int = 20) -> dict:
+    """delphi's intruder test: each round shows ``group_size`` − 1 activating excerpts and one non-activating
+    one (no marks, no explanation) in random order. Returns accuracy (rounds where the answer names exactly
+    the intruder, over the rounds answered), chance (1 / group size), n (rounds answered) and failures."""
+    rng = random.Random(seed)
+    per = max(1, group_size - 1)
+    rounds = min(len(non_activating), len(activating) // per)
+    prompts, where = [], []
+    for r in range(rounds):
+        items = [(render(e), False) for e in activating[r * per:(r + 1) * per]] + [(render(non_activating[r]), True)]
+        rng.shuffle(items)
+        lines = "\n".join(f"Excerpt {i + 1}: {text}" for i, (text, _) in enumerate(items))
+        prompts.append(INTRUDER_PROMPT.format(n=len(items), examples=lines))
+        where.append([t for _, t in items])
+    answers = backend.complete_batch(prompts, max_tokens=max_tokens, temperature=0.0) if prompts else []
+    right, answered, reasons = 0, 0, []
+    for truth, answer in zip(where, answers):
+        picked = None if isinstance(answer, BackendError) else parse_selection(answer, len(truth))
+        if picked is None or sum(picked) != 1:
+            reasons.append(f"backend: {answer}" if isinstance(answer, BackendError)
+                           else f"not one excerpt: {str(answer).strip()[:80]!r}")
+            continue
+        answered += 1
+        right += picked == truth
+    out: dict[str, Any] = dict(accuracy=right / answered if answered else None, chance=1 / (per + 1),
+                               n=answered, failures=len(where) - answered)
+    if not where:
+        out["failure"] = f"too few excerpts for one round of {per} activating + 1 intruder"
+    if reasons:
+        out["failure_reason"] = reasons[0]
+    return out
+
+
 def fuzz_examples(activating: list[Example], seed: int = 0, max_act: float | None = None) -> list[tuple[str, bool]]:
     """Render activating excerpts, half with the true firing tokens marked and half with as many random
     non-firing tokens marked; returns (text, marks_are_correct) pairs."""
@@ -577,6 +623,11 @@ def explain_and_score(fx: FeatureExamples, backend: Backend, config: ExplainConf
     rec = dict(candidates[chosen], explained_by=chosen)
     if len(candidates) > 1:
         rec["candidates"] = candidates
+    if "intruder" in cfg.scores:
+        rec["intruder"] = score_intruder(activating, negatives, backend, cfg.seed + fx.feature + 2,
+                                         group_size=cfg.group_size)
+        if not _score_ok(rec["intruder"]) and rec["status"] == "ok":
+            rec.update(status="partial", failure="score(s) missing or failed: intruder")
     return rec
 
 
@@ -596,7 +647,7 @@ def _scored(expl: Explanation, activating: list[Example], negatives: list[Exampl
     if "simulation" in cfg.scores:
         half = max(1, cfg.n_score // 2)
         rec["simulation"] = score_simulation(expl, activating[:half] + negatives[:half], backend)
-    missing = [s for s in cfg.scores if not _score_ok(rec.get(s))]
+    missing = [s for s in cfg.scores if s in EXPLANATION_SCORES and not _score_ok(rec.get(s))]
     rec["status"] = "partial" if missing else "ok"
     if missing:
         rec["failure"] = f"score(s) missing or failed: {', '.join(missing)}"
@@ -607,7 +658,8 @@ def _merit(candidate: dict, scores: Iterable[str]) -> tuple[int, float]:
     """How a candidate ranks: ok before partial before failed, then the mean of its scores' headline values
     (accuracy; Pearson r for simulation), a missing value counting as 0."""
     rank = {"ok": 2, "partial": 1}.get(candidate.get("status"), 0)
-    values = [(candidate.get(s) or {}).get("pearson" if s == "simulation" else "accuracy") for s in scores]
+    values = [(candidate.get(s) or {}).get("pearson" if s == "simulation" else "accuracy")
+              for s in scores if s in EXPLANATION_SCORES]
     values = [v if isinstance(v, (int, float)) and math.isfinite(v) else 0.0 for v in values]
     return rank, sum(values) / max(1, len(values))
 

@@ -112,6 +112,7 @@ def _explanations(path: str | None) -> pd.DataFrame:
                      "detection acc": (rec.get("detection") or {}).get("accuracy"),
                      "fuzzing acc": (rec.get("fuzzing") or {}).get("accuracy"),
                      "simulation r": (rec.get("simulation") or {}).get("pearson"),
+                     "intruder acc": (rec.get("intruder") or {}).get("accuracy"),
                      "other explainer": other.get("explanation") or (f"(failed: {other['failure']})"
                                                                      if other.get("failure") else ""),
                      "its detection acc": (other.get("detection") or {}).get("accuracy")})
@@ -177,7 +178,7 @@ def _sae_section(saes: dict) -> dict:
 
 def _explain_section(cfg, explained: dict) -> dict:
     feats, neus = _explanations(explained.get("features")), _explanations(explained.get("neurons"))
-    score_cols = ["detection acc", "fuzzing acc", "simulation r"]
+    score_cols = ["detection acc", "fuzzing acc", "simulation r", "intruder acc"]
     compare = pd.DataFrame([{"units": label, **{c: frame[c].astype(float).mean() if c in frame else None
                                                 for c in score_cols}, "n": len(frame)}
                             for label, frame in (("SAE features", feats), ("MLP neurons", neus))])
