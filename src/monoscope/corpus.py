@@ -1,7 +1,8 @@
 """Offline text sources, and their tokenisation into fixed-length contexts.
 
 Nothing here downloads at run time: every built-in source is read from files that the project's setup
-installed. ``load_corpus`` returns a plain ``list[Document]`` in a deterministic order;
+installed. ``load_corpus`` returns a sequence of ``Document`` in a deterministic order (a list; for the
+built-ins a ``DocumentTable`` over their Parquet cache that builds each Document as it is reached);
 ``corpus_fingerprint`` gives the content identity used to skip finished stages.
 
 Built-in sources (``BUILTIN_SOURCES``) and their licences:
@@ -62,6 +63,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Iterable, Iterator
 
 from monoscope import hf_cache
@@ -120,7 +122,36 @@ def load_corpus(source: str | os.PathLike, max_documents: int | None = None, *,
     return _load_uncached(source, max_documents, text_field)
 
 
-def _cached_builtin(name: str) -> list[Document]:
+class DocumentTable(Sequence):
+    """Documents held as two Arrow columns and made into ``Document`` objects only as they are used: an
+    extraction of 200k tokens reads a few thousand of a built-in corpus's 300k texts."""
+
+    def __init__(self, ids, texts):
+        self._ids, self._texts = ids, texts
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step == 1:
+                return DocumentTable(self._ids[start:stop], self._texts[start:stop])
+            return [self[j] for j in range(start, stop, step)]
+        j = i + len(self) if i < 0 else i
+        if not 0 <= j < len(self):
+            raise IndexError(i)
+        return Document(self._ids[j].as_py(), self._texts[j].as_py())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+    def __iter__(self) -> Iterator[Document]:
+        for a in range(0, len(self), 1024):
+            yield from map(Document, self._ids[a:a + 1024].to_pylist(), self._texts[a:a + 1024].to_pylist())
+
+
+def _cached_builtin(name: str) -> Sequence[Document]:
     """A built-in source parsed once and kept as Parquet (reading 300k texts from zstd CSVs takes ~10 s)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -128,7 +159,7 @@ def _cached_builtin(name: str) -> list[Document]:
     path = data_dir() / "corpora" / f"{name}-{corpus_fingerprint(name)[:16]}.parquet"
     if path.exists():
         table = pq.read_table(path)
-        return [Document(i, t) for i, t in zip(table.column("id").to_pylist(), table.column("text").to_pylist())]
+        return DocumentTable(table.column("id"), table.column("text"))
     docs = _load_uncached(name, None, None)
     try:
         with atomic_path(path) as tmp:
@@ -182,13 +213,31 @@ def split_documents(docs: Iterable[Document], val_fraction: float = 0.1,
     Because the side depends only on the id, adding documents never moves existing ones. The validation
     share is ``val_fraction`` in expectation; a tiny corpus can get an empty validation side.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise MonoscopeError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    _check_fraction(val_fraction)
     train: list[Document] = []
     val: list[Document] = []
     for doc in docs:
-        (val if _unit_hash(f"{seed}:{doc.id}") < val_fraction else train).append(doc)
+        (val if in_validation(doc, val_fraction, seed) else train).append(doc)
     return train, val
+
+
+def split_side(docs: Iterable[Document], split: str, val_fraction: float = 0.1, seed: int = 0
+               ) -> Iterator[Document]:
+    """The documents of one side of ``split_documents`` ("train" or "validation"; "all" keeps every one),
+    lazily: only the documents a consumer reaches are hashed."""
+    _check_fraction(val_fraction)
+    if split == "all":
+        return iter(docs)
+    return (d for d in docs if in_validation(d, val_fraction, seed) == (split == "validation"))
+
+
+def in_validation(doc: Document, val_fraction: float, seed: int = 0) -> bool:
+    return _unit_hash(f"{seed}:{doc.id}") < val_fraction
+
+
+def _check_fraction(val_fraction: float) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise MonoscopeError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
 
 
 @dataclass

@@ -102,12 +102,13 @@ def extract(cfg: ExtractConfig, out: str | Path, lm: LoadedModel | None = None,
     lm = lm or load_model(cfg.model, device=cfg.device)
     points = [resolve(lm.model, h) for h in cfg.hook]  # bad hook names fail before any work
 
-    docs = corpus_lib.load_corpus(cfg.corpus, text_field=cfg.text_column or None)
-    train, val = corpus_lib.split_documents(docs, cfg.val_fraction, cfg.seed)
-    docs = {"train": train, "validation": val, "all": list(docs)}[cfg.split]
-    if not docs:
+    side = corpus_lib.split_side(corpus_lib.load_corpus(cfg.corpus, text_field=cfg.text_column or None),
+                                 cfg.split, cfg.val_fraction, cfg.seed)
+    first = next(side, None)
+    if first is None:
         raise MonoscopeError(f"the {cfg.split} split of corpus {cfg.corpus!r} is empty; "
                              f"use a larger corpus or another --split / --val-fraction")
+    docs = itertools.chain([first], side)
 
     settings = to_dict(cfg)
     if not settings["text_column"]:
