@@ -466,7 +466,7 @@ def test_stats_adapter_and_cli(tmp_path, monkeypatch, capsys):
         p = argparse.ArgumentParser()
         run = setup_explain(p)
         ns = p.parse_args(["--stats", str(stats), "--backend", f"openai:fake@{srv.url}", "--top-n", "2",
-                           "--scores", "detection", "fuzzing", "--n-score", "4"])
+                           "--scores", "detection", "fuzzing", "--n-score", "4", "--baseline", "false"])
         run(ns)
         lines = (stats / "explanations.jsonl").read_text().splitlines()
         assert [json.loads(ln)["feature"] for ln in lines] == live[:2]
@@ -500,16 +500,18 @@ def test_distinctive_tokens_against_the_corpus():
     assert contains_any(["cat"], ["The", " Cat", "!"]) and not contains_any(["cat"], ["the", " cats"])
 
 
-def test_token_baseline_replaces_an_echoing_llm_and_loses_ties_to_a_good_one():
+def test_token_baseline_replaces_an_echoing_llm_and_wins_ties():
     echo = CallableBackend(lambda p: "The following are text excerpts where it is active" if p.startswith("We are")
                            else oracle(p))
     rec = explain_and_score(cat_feature(), echo, ExplainConfig(scores=("detection", "fuzzing")))
     assert rec["explained_by"] == "tokens" and rec["explanation"] == 'the token "cat"' and rec["status"] == "ok"
     assert rec["candidates"]["llm"]["status"] == "failed" and "repeats the prompt" in rec["candidates"]["llm"]["failure"]
     assert rec["detection"]["accuracy"] == 1.0 and rec["candidates"]["tokens"]["rule"]["accuracy"] == 1.0
-    good = explain_and_score(cat_feature(), CallableBackend(oracle), ExplainConfig(scores=("detection",)))
-    assert good["explained_by"] == "llm" and good["explanation"] == 'the word "cat".'
-    assert good["candidates"]["tokens"]["detection"]["accuracy"] == good["detection"]["accuracy"] == 1.0
+    tie = explain_and_score(cat_feature(), CallableBackend(oracle), ExplainConfig(scores=("detection",)))
+    assert tie["explained_by"] == "tokens" and tie["candidates"]["llm"]["explanation"] == 'the word "cat".'
+    assert tie["candidates"]["llm"]["detection"]["accuracy"] == tie["detection"]["accuracy"] == 1.0
+    assert parse_explanation("Find what", prompt="")[0] is None  # a fragment of the instructions
+    assert parse_explanation("the word cat", prompt="")[0] == "the word cat"
     plain = explain_and_score(cat_feature(), CallableBackend(oracle), ExplainConfig(scores=("detection",),
                                                                                     baseline=False))
     assert plain["explained_by"] == "llm" and "candidates" not in plain

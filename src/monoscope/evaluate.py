@@ -113,7 +113,7 @@ def reconstruction_metrics(sae, batches, d_sae: int, device="cpu", show_progress
     }
 
 
-def _rows_without_bos(store, hook: str, batch_size: int, n: int):
+def rows_without_bos(store, hook: str, batch_size: int, n: int):
     """The first ``n`` rows in order; in a store extracted with keep_bos the BOS rows (each context's first
     row) are dropped, so BOS's huge norm never enters the metrics."""
     keep_bos = bool(store.meta.get("config", {}).get("keep_bos", False))
@@ -246,7 +246,7 @@ def evaluate_sae(sae_or_folder, store_folder, lm=None, max_tokens: int = 200_000
     store.check_finite(hook)
     sae = sae.to(device).eval()
     n = min(max_tokens, store.num_rows)
-    result = reconstruction_metrics(sae, _rows_without_bos(store, hook, batch_size, n), sae.cfg.d_sae, device,
+    result = reconstruction_metrics(sae, rows_without_bos(store, hook, batch_size, n), sae.cfg.d_sae, device,
                                     show_progress, total=n)
     mean_act = result.pop("_mean")
 

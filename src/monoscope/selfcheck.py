@@ -14,7 +14,7 @@ import weakref
 import torch
 
 from monoscope.errors import MonoscopeError
-from monoscope.evaluate import _rows_without_bos, reconstruction_metrics
+from monoscope.evaluate import rows_without_bos, reconstruction_metrics
 from monoscope.sae.compat import check_sae_fits, warn_if_implausible
 
 SAMPLE_TEXTS = (
@@ -39,7 +39,7 @@ def sae_for_store(sae, store, hook: str | None = None) -> str:
     """Raise if ``sae`` does not fit ``store`` (model, hook, width), self-check it on the store's first rows,
     and return the hook it reads."""
     hook = check_sae_fits(sae, model_name=store.model, hook=hook, hooks=store.hooks)
-    rows = [x for x in _rows_without_bos(store, hook, STORE_ROWS, min(STORE_ROWS, store.num_rows))]
+    rows = [x for x in rows_without_bos(store, hook, STORE_ROWS, min(STORE_ROWS, store.num_rows))]
     if rows and sum(len(x) for x in rows):
         self_check(sae, torch.cat(rows).float(), f"hook {hook!r} of the store {store.folder}")
     return hook

@@ -197,8 +197,11 @@ TASK_SHINGLES = {tuple(TASK_WORDS[i:i + 4]) for i in range(len(TASK_WORDS) - 3)}
 
 
 def _paraphrases_task(text: str) -> bool:
-    """Does ``text`` repeat four words in a row of the instructions ("...text excerpts where it is active")?"""
+    """Does ``text`` repeat four words in a row of the instructions ("...text excerpts where it is active"),
+    or is it, whole, a run of their words ("Find what")?"""
     words = _words(text)
+    if 2 <= len(words) < 4 and " ".join(words) in " ".join(TASK_WORDS):
+        return True
     return any(tuple(words[i:i + 4]) in TASK_SHINGLES for i in range(len(words) - 3))
 
 
@@ -593,8 +596,8 @@ def explain_and_score(fx: FeatureExamples, backend: Backend, config: ExplainConf
     """Explain one feature on the even-indexed examples and score it on the odd-indexed ones.
 
     With ``config.baseline`` the model-free token explanation (token_explainer.py) is scored too, by the same
-    scorer on the same excerpts; the record's explanation and scores are the better one's (``explained_by``),
-    and ``candidates`` keeps both.
+    scorer on the same excerpts; the record's explanation and scores are the better one's (``explained_by``;
+    a tie goes to the baseline), and ``candidates`` keeps both.
     """
     cfg = config or ExplainConfig()
     if not fx.top:
@@ -619,7 +622,8 @@ def explain_and_score(fx: FeatureExamples, backend: Backend, config: ExplainConf
             pred = [contains_any(words, e.tokens) for e in activating + negatives]
             base["rule"] = dict(classification_metrics(truth, pred), n=len(truth), failures=0)
         candidates["tokens"] = base
-    chosen = max(candidates, key=lambda name: (_merit(candidates[name], cfg.scores), name == "llm"))
+    # the LLM's explanation is kept only where it beats the baseline: a tie goes to the model-free one
+    chosen = max(candidates, key=lambda name: (_merit(candidates[name], cfg.scores), name == "tokens"))
     rec = dict(candidates[chosen], explained_by=chosen)
     if len(candidates) > 1:
         rec["candidates"] = candidates
