@@ -190,3 +190,31 @@ def test_cli_main_returns_1_when_features_fail(tmp_path, fast_retries):
 
 def test_module_has_no_default_remote_host():
     assert "api.openai.com" not in open(backends.__file__).read()
+
+
+def test_unreadable_answers_are_an_outcome_not_an_outage(tmp_path, fast_retries, capsys):
+    """A judge that answers, but not readably, leaves partial records and exit 0; only an outage exits 1."""
+    stats = _stats_folder(tmp_path)
+
+    def script(n, body):
+        prompt = body["messages"][0]["content"]
+        return 200, chat("Explanation: tokens near the start" if prompt.startswith("We are") else "hmm, hard to say"), 0
+    with FakeServer(script, max_requests=40) as srv:
+        assert run_explain(stats, srv.url, "--features", "0") == 0
+    err = capsys.readouterr().err
+    assert "did not settle" in err and "recorded as partial" in err and "--retry-failed" not in err
+    [rec] = read_results(stats / "explanations.jsonl").values()
+    assert rec["status"] == "partial" and "backend:" not in rec["failure"]
+
+
+def test_an_outage_while_scoring_is_an_outage(tmp_path, fast_retries, capsys):
+    stats = _stats_folder(tmp_path)
+
+    def script(n, body):
+        prompt = body["messages"][0]["content"]
+        return (200, chat("Explanation: tokens near the start"), 0) if prompt.startswith("We are") else (500, "down", 0)
+    with FakeServer(script, max_requests=80) as srv:
+        assert run_explain(stats, srv.url, "--features", "0") == 1
+    [rec] = read_results(stats / "explanations.jsonl").values()
+    assert rec["status"] == "partial" and "(backend:" in rec["failure"]
+    assert "--retry-failed" in capsys.readouterr().err

@@ -654,7 +654,8 @@ def _scored(expl: Explanation, activating: list[Example], negatives: list[Exampl
     missing = [s for s in cfg.scores if s in EXPLANATION_SCORES and not _score_ok(rec.get(s))]
     rec["status"] = "partial" if missing else "ok"
     if missing:
-        rec["failure"] = f"score(s) missing or failed: {', '.join(missing)}"
+        outage = [r for s in missing if "backend:" in (r := str((rec.get(s) or {}).get("failure_reason", "")))]
+        rec["failure"] = f"score(s) missing or failed: {', '.join(missing)}" + (f" ({outage[0]})" if outage else "")
     return rec
 
 
@@ -877,12 +878,15 @@ def setup_explain(p):
             scores = "  ".join(_summary(rec, s) for s in cfg.scores if isinstance(rec.get(s), dict))
             what = rec.get("explanation") or f"[{rec.get('status')}: {rec.get('failure')}]"
             print(f"{rec['feature']}\t{what}\t{scores}")
-        bad = not_ok(records)
+        bad, down = not_ok(records), backend_failed(records)
         print(f"# {len(records) - len(bad)}/{len(records)} features ok; results in {out}")
-        if bad:
-            print(f"explain: {len(bad)} of {len(records)} features not ok ({bad[0].get('failure')}); "
+        if down:  # an outage: the work is incomplete and worth redoing
+            print(f"explain: {len(down)} of {len(records)} features not ok ({down[0].get('failure')}); "
                   "rerun with --retry-failed after fixing the endpoint", file=sys.stderr)
-        return 1 if bad else 0
+        elif bad:  # the model's own answers: an outcome, recorded as such
+            print(f"explain: {len(bad)} of {len(records)} features have scores the model's answers did not "
+                  f"settle ({bad[0].get('failure')}); they are recorded as {bad[0].get('status')}", file=sys.stderr)
+        return 1 if down else 0
     return run
 
 

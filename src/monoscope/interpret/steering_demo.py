@@ -274,18 +274,24 @@ def measure_feature(lm, sae, candidate: dict, cfg: DemoConfig, explanation: str 
 
 def baseline_effect(lm, sae, stats_folder: str | Path, candidate: dict, cfg: DemoConfig) -> dict:
     """The same concept steered by its difference-of-means direction (AxBench's baseline): the mean activation
-    at the SAE's hook over the feature's top-example windows minus that over non-activating windows, scaled to
-    the norm the clamp adds at most (value × ‖d_i‖) and added at every position, measured like the feature on
-    the same prompts and seeds (keyword rate, the feature's activation on the text, distinct-token share)."""
+    at the SAE's hook at the token where each top example fires (its text up to that token run through the
+    model: the last position's activation is the one the feature saw) minus the mean over every token of
+    non-activating windows, scaled to the norm the clamp adds at most (value × ‖d_i‖) and added at every
+    position, measured like the feature on the same prompts and seeds (keyword rate, the feature's activation
+    on the text, distinct-token share)."""
     from monoscope.hookpoints import text_activations
     from monoscope.interpret.feature_stats import FeatureStats
 
     feature, value, hook = candidate["feature"], steering_value(candidate["max"]), sae.cfg.hook_name
     fx = FeatureStats(stats_folder).examples(feature, n_negatives=24, seed=cfg.seed)
-    positives, negatives = [e.text for e in fx.top], [e.text for e in fx.negatives]
+    bos = lm.tokenizer.bos_token or "\0"
+    upto = ["".join(e.tokens[:max(range(len(e.acts)), key=e.acts.__getitem__) + 1]) for e in fx.top if e.acts]
+    positives = [t.removeprefix(bos) for t in upto if t.removeprefix(bos)]  # the tokenizer adds BOS itself
+    negatives = [e.text.removeprefix(bos) for e in fx.negatives]
     if not positives or not negatives:
         return {"failure": "no top examples or no non-activating windows to take the means of"}
-    diff = text_activations(lm, hook, positives).mean(0) - text_activations(lm, hook, negatives).mean(0)
+    at_firing = torch.stack([text_activations(lm, hook, [text])[-1] for text in positives])
+    diff = at_firing.mean(0) - text_activations(lm, hook, negatives).mean(0)
     d_i = directions(sae, [feature])[0].float().to(diff.device)
     norm = abs(value) * float(d_i.norm())
     vector = diff / diff.norm().clamp_min(1e-12) * norm
@@ -294,7 +300,7 @@ def baseline_effect(lm, sae, stats_folder: str | Path, candidate: dict, cfg: Dem
                              steered=lambda: add_vector(lm, hook, vector))
     effect["steered"].pop("texts")
     return json.loads(json.dumps({
-        "direction": "difference of means (top-example windows minus non-activating windows), norm matched",
+        "direction": "difference of means (top examples' firing tokens minus non-activating windows), norm matched",
         "n_positive": len(positives), "n_negative": len(negatives), "norm": norm,
         "cosine_with_feature": float(torch.nn.functional.cosine_similarity(diff, d_i, dim=0)),
         "steered": effect["steered"], "difference": effect["difference"],

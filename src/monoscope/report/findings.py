@@ -222,8 +222,9 @@ def _steer_baseline(steering: dict) -> list[dict]:
                      "keyword p (vs unsteered)": p, "feature activation": (arm.get("mean_activation") or {}).get("mean"),
                      "distinct-token share": (arm.get("distinct_tokens") or {}).get("mean")})
     return [_p("Against the baseline", "h3"),
-            _p(f"The difference-of-means direction of the same concept ({base['n_positive']} top-example windows "
-               f"minus {base['n_negative']} non-activating ones; cosine {number(base.get('cosine_with_feature'), 2)} "
+            _p(f"The difference-of-means direction of the same concept (the activation at the firing token of "
+               f"{base['n_positive']} top examples minus {base['n_negative']} non-activating windows; cosine "
+               f"{number(base.get('cosine_with_feature'), 2)} "
                f"with the feature's decoder direction), added at the clamp's norm on the same prompts and seeds."),
             _table(pd.DataFrame(rows))]
 
