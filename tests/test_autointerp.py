@@ -528,3 +528,26 @@ def test_intruder_score_against_an_oracle_and_a_guesser():
     assert "failure" in score_intruder(fx.top[:3], fx.negatives[:2], CallableBackend(oracle), group_size=5)
     rec = explain_and_score(fx, CallableBackend(oracle), ExplainConfig())  # every score, intruder included
     assert rec["status"] == "ok" and rec["intruder"]["accuracy"] == 1.0
+
+
+def test_echo_rule_keeps_real_explanations():
+    from monoscope.interpret.autointerp import _paraphrases_task
+
+    for echo in ("The following are text excerpts where it is active", "Find what",
+                 "Find what the marked tokens have in common"):
+        assert _paraphrases_task(echo), echo
+    for real in ("numbers from 1 to 10", "what usually comes next is a closing bracket",
+                 "tokens where the text is in French", 'the word "def" in Python code'):
+        assert not _paraphrases_task(real), real
+
+
+def test_choice_compares_only_scores_both_completed():
+    from monoscope.interpret.autointerp import _choose
+
+    llm = {"status": "partial", "detection": {"accuracy": 0.9, "n": 8}, "fuzzing": {"failure": "x", "n": 0}}
+    tokens = {"status": "ok", "detection": {"accuracy": 0.6, "n": 8}, "fuzzing": {"accuracy": 1.0, "n": 8}}
+    assert _choose({"llm": llm, "tokens": tokens}, ["detection", "fuzzing"]) == "llm"  # 0.9 > 0.6 on detection
+    assert _choose({"llm": dict(llm, detection={"accuracy": 0.6, "n": 8}), "tokens": tokens},
+                   ["detection", "fuzzing"]) == "tokens"  # a tie goes to the baseline
+    assert _choose({"llm": {"status": "failed"}, "tokens": tokens}, ["detection"]) == "tokens"
+    assert _choose({"llm": llm, "tokens": {"status": "failed"}}, ["detection"]) == "llm"

@@ -276,6 +276,11 @@ def test_gemma_scope_2_release_name_from_the_hub_cache(tmp_path, monkeypatch, ca
     assert main(["info", RELEASE_ID]) == 0 and "layers.12.resid_post" in capsys.readouterr().out
     write_gemma2(tmp_path, site="mlp_out_all", name="layer_4_width_32_l0_small")
     assert load_sae("gemma-scope-2-270m-pt-mlp-all/layer_4_width_32_l0_small").cfg.hook_name == "layers.4.mlp_out"
+    repo = tmp_path / "models--google--gemma-scope-2-270m-pt"
+    (repo / "snapshots" / "newer").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("newer")  # the SAE sits in an older snapshot only
+    assert load_sae(RELEASE_ID).content_hash() == by_folder.content_hash()
 
 
 @pytest.mark.parametrize("name, match", [
@@ -297,7 +302,8 @@ def test_gemma_scope_1_release_path_names_model_and_hook(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     write_gemma1(tmp_path / "models--google--gemma-scope-2b-pt-res" / "snapshots" / "r1")
     sae = load_sae("gemma-scope-2b-pt-res/layer_3/width_32/average_l0_5")
-    assert (sae.cfg.model_name, sae.cfg.hook_name) == ("google/gemma-2-2b", "layers.3.resid_post")
+    assert (sae.cfg.model_name, sae.cfg.hook_name) == ("", "layers.3.resid_post")
+    assert "trained on google/gemma-2-2b" in sae.load_notes[0]
     with torch.no_grad():
         assert close(sae.encode(X), _gemma_ref(gemma2_tensors(), X))
 

@@ -52,13 +52,12 @@ def sae_for_model(sae, lm, hook: str | None = None) -> str:
     from monoscope.hookpoints import resolve, text_activations
 
     check_sae_fits(sae, model_name=lm.name, hook=hook)  # first: another model's hook names may not resolve here
-    if hook and not sae.cfg.hook_name:
-        sae.cfg.hook_name = hook
-    hook = sae.cfg.hook_name
+    hook = sae.cfg.hook_name or hook
     if not hook:
         raise MonoscopeError("the SAE does not record the hook it reads; name it (monoscope steer --hook, "
                              "probe --layers N --hook-kind KIND)")
     check_sae_fits(sae, hook=hook, hooks={hook: resolve(lm.model, hook).width}, source=f"model {lm.name!r}")
+    sae.cfg.hook_name = hook  # a file without its hook now carries the one named, checked above
     seen = _checked_on.setdefault(sae, set())
     if (lm.name, hook) not in seen:
         seen.add((lm.name, hook))

@@ -197,12 +197,17 @@ TASK_SHINGLES = {tuple(TASK_WORDS[i:i + 4]) for i in range(len(TASK_WORDS) - 3)}
 
 
 def _paraphrases_task(text: str) -> bool:
-    """Does ``text`` repeat four words in a row of the instructions ("...text excerpts where it is active"),
-    or is it, whole, a run of their words ("Find what")?"""
+    """Is ``text`` mostly the instructions again: at least 60 % of its words, and five or more, inside runs of
+    four words that the instructions also have ("The following are text excerpts where it is active"), or, for two or three
+    words, such a run on its own ("Find what")?"""
     words = _words(text)
-    if 2 <= len(words) < 4 and " ".join(words) in " ".join(TASK_WORDS):
-        return True
-    return any(tuple(words[i:i + 4]) in TASK_SHINGLES for i in range(len(words) - 3))
+    if 2 <= len(words) < 4:
+        return any(tuple(TASK_WORDS[i:i + len(words)]) == tuple(words) for i in range(len(TASK_WORDS)))
+    covered = set()
+    for i in range(len(words) - 3):
+        if tuple(words[i:i + 4]) in TASK_SHINGLES:
+            covered.update(range(i, i + 4))
+    return len(covered) >= max(5, 0.6 * len(words))  # five: "numbers from 1 to 10" is not an echo
 
 
 def _is_garbage(text: str) -> bool:
@@ -314,9 +319,22 @@ def _score_selection(explanation: str, items: list[tuple[str, bool]], task: str,
         pred += picked
     out: dict[str, Any] = classification_metrics(truth, pred)
     out.update(n=len(truth), failures=failures)
+    return _with_reasons(out, reasons)
+
+
+def _with_reasons(out: dict, reasons: list[str]) -> dict:
+    """A score's first failure reason, and how many of its requests the backend failed (an outage, which
+    ``backend_failed`` must see whatever the first reason was)."""
     if reasons:
         out["failure_reason"] = reasons[0]
+        out["backend_errors"] = sum(r.startswith("backend:") for r in reasons)
     return out
+
+
+def _missing(rec: dict, names: Iterable[str]) -> str:
+    """The failure line of a record whose scores ``names`` are missing, tagged 'backend:' on an outage."""
+    down = sum(int((rec.get(s) or {}).get("backend_errors", 0)) for s in names)
+    return f"score(s) missing or failed: {', '.join(names)}" + (f" (backend: {down} request(s) failed)" if down else "")
 
 
 def score_detection(explanation: Explanation | str, activating: list[Example], non_activating: list[Example],
@@ -369,9 +387,7 @@ def score_intruder(activating: list[Example], non_activating: list[Example], bac
                                n=answered, failures=len(where) - answered)
     if not where:
         out["failure"] = f"too few excerpts for one round of {per} activating + 1 intruder"
-    if reasons:
-        out["failure_reason"] = reasons[0]
-    return out
+    return _with_reasons(out, reasons)
 
 
 def fuzz_examples(activating: list[Example], seed: int = 0, max_act: float | None = None) -> list[tuple[str, bool]]:
@@ -556,9 +572,7 @@ def score_simulation(explanation: Explanation | str, examples: list[Example], ba
     if r is None:
         out["note"] = ("no tokens scored" if len(true) < 2 else
                        "constant predictions" if len(set(pred)) <= 1 else "constant true activations")
-    if reasons:
-        out["failure_reason"] = reasons[0]
-    return out
+    return _with_reasons(out, reasons)
 
 
 # ---------------------------------------------------------------- many features
@@ -622,8 +636,7 @@ def explain_and_score(fx: FeatureExamples, backend: Backend, config: ExplainConf
             pred = [contains_any(words, e.tokens) for e in activating + negatives]
             base["rule"] = dict(classification_metrics(truth, pred), n=len(truth), failures=0)
         candidates["tokens"] = base
-    # the LLM's explanation is kept only where it beats the baseline: a tie goes to the model-free one
-    chosen = max(candidates, key=lambda name: (_merit(candidates[name], cfg.scores), name == "tokens"))
+    chosen = _choose(candidates, [s for s in cfg.scores if s in EXPLANATION_SCORES])
     rec = dict(candidates[chosen], explained_by=chosen)
     if len(candidates) > 1:
         rec["candidates"] = candidates
@@ -631,7 +644,7 @@ def explain_and_score(fx: FeatureExamples, backend: Backend, config: ExplainConf
         rec["intruder"] = score_intruder(activating, negatives, backend, cfg.seed + fx.feature + 2,
                                          group_size=cfg.group_size)
         if not _score_ok(rec["intruder"]) and rec["status"] == "ok":
-            rec.update(status="partial", failure="score(s) missing or failed: intruder")
+            rec.update(status="partial", failure=_missing(rec, ["intruder"]))
     return rec
 
 
@@ -654,19 +667,26 @@ def _scored(expl: Explanation, activating: list[Example], negatives: list[Exampl
     missing = [s for s in cfg.scores if s in EXPLANATION_SCORES and not _score_ok(rec.get(s))]
     rec["status"] = "partial" if missing else "ok"
     if missing:
-        outage = [r for s in missing if "backend:" in (r := str((rec.get(s) or {}).get("failure_reason", "")))]
-        rec["failure"] = f"score(s) missing or failed: {', '.join(missing)}" + (f" ({outage[0]})" if outage else "")
+        rec["failure"] = _missing(rec, missing)
     return rec
 
 
-def _merit(candidate: dict, scores: Iterable[str]) -> tuple[int, float]:
-    """How a candidate ranks: ok before partial before failed, then the mean of its scores' headline values
-    (accuracy; Pearson r for simulation), a missing value counting as 0."""
-    rank = {"ok": 2, "partial": 1}.get(candidate.get("status"), 0)
-    values = [(candidate.get(s) or {}).get("pearson" if s == "simulation" else "accuracy")
-              for s in scores if s in EXPLANATION_SCORES]
-    values = [v if isinstance(v, (int, float)) and math.isfinite(v) else 0.0 for v in values]
-    return rank, sum(values) / max(1, len(values))
+def _choose(candidates: dict[str, dict], scores: list[str]) -> str:
+    """"llm" only where its explanation beats the token baseline: a higher mean headline value (accuracy;
+    Pearson r for simulation) over the scores both candidates completed. A tie, or no score in common, goes to
+    the baseline unless it failed outright."""
+    if "tokens" not in candidates or candidates["tokens"].get("status") == "failed":
+        return "llm"
+    if candidates["llm"].get("status") == "failed":
+        return "tokens"
+    both = [s for s in scores if all(_headline(c.get(s), s) is not None for c in candidates.values())]
+    mean = {n: sum(_headline(c.get(s), s) for s in both) / max(1, len(both)) for n, c in candidates.items()}
+    return "llm" if both and mean["llm"] > mean["tokens"] else "tokens"
+
+
+def _headline(score: Any, name: str) -> float | None:
+    value = score.get("pearson" if name == "simulation" else "accuracy") if isinstance(score, dict) else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and score.get("n") else None
 
 
 def explain_by_tokens(features: FeatureExamples, max_examples: int = 20) -> Explanation:

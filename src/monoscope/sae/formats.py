@@ -123,10 +123,11 @@ def read_gemma_scope(path: Path) -> SAE:
     where = path / "params.npz"
     parts = _release_parts(path, depth=3)  # layer_20/width_16k/average_l0_71
     model, hook = _gemma_scope_1_source(path, parts.get("layer"))
-    sae = _gemma_sae(read_npz(where), where, model_name=model, hook_name=hook)
+    # the model is only noted: a user's local copy of it has another name, and an exact-name check would refuse it
+    sae = _gemma_sae(read_npz(where), where, model_name="", hook_name=hook)
     _check_width(parts.get("width"), sae.cfg.d_sae, where)
-    sae.load_notes = ([f"model {model} and hook {hook} inferred from the release path"] if hook else
-                      ["hook and model are not stored in params.npz: pass the hook to use"])
+    sae.load_notes = ([f"hook {hook} inferred from the release path; trained on {model} (not stored: pass --model)"]
+                      if hook else ["hook and model are not stored in params.npz: pass the hook to use"])
     return sae
 
 

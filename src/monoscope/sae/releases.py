@@ -58,7 +58,9 @@ def release_folder(name: str | os.PathLike) -> Path | None:
         raise MonoscopeError(f"{release!r} is the SAELens name of {repo}, which is not in the local Hugging Face "
                              f"cache ({hub_cache()}); nothing is downloaded at run time: fetch this SAE once with: "
                              f"{fetch}")
-    folder = snap / inner
+    # the SAE may have been fetched at an older revision than the one refs/main names now
+    others = sorted((p for p in snap.parent.iterdir() if p.is_dir() and p != snap), key=lambda p: -p.stat().st_mtime)
+    folder = next((s / inner for s in [snap, *others] if (s / inner).is_dir()), snap / inner)
     if not folder.is_dir():
         here = sorted(p.relative_to(snap / prefix).as_posix() for p in (snap / prefix).rglob("params.*")
                       ) if (snap / prefix).is_dir() else []
