@@ -187,7 +187,8 @@ def _explain_section(cfg, explained: dict) -> dict:
             "blocks": [_p(f"Explanations written and scored by {backend}, each beside the model-free baseline "
                           "(the unit's most distinctive firing tokens against random corpus contexts), scored by the "
                           "same judge on the same held-out excerpts; a unit shows the better of the two ('by'), so an "
-                          "LLM explanation appears only where it beat the baseline. A small local model writes weak "
+                          "LLM explanation appears only where it beat the baseline, and the scores shown are the "
+                          "better of two noisy estimates on the same excerpts (optimistic; both are in the table). A small local model writes weak "
                           "explanations and judges weakly; the scores measure that honestly, and with 2 scored "
                           "excerpts per class a unit's accuracy is one of a handful of values. Browse every feature "
                           "and neuron in the browsers linked here."),
