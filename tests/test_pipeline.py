@@ -149,3 +149,43 @@ def test_copied_run_folder_uses_its_own_files(tiny_run, tmp_path, capsys):
     ran = _rerun(moved, capsys)
     assert ran[0] == "stats" and not {"extract", "saes", "probe"} & set(ran)
     assert (moved / "stats" / "features" / "contexts.jsonl").exists()
+
+
+def test_research_profile_is_a_preset_that_flags_override(tmp_path):
+    research = load_run_config(None, profile="research")
+    assert (research.tokens, research.seeds, research.extra_d_sae, research.probe_examples) == (
+        1_048_576, 3, (16_384,), 1000)
+    assert research.probe_datasets and all(n.startswith(("lang:", "code:")) for n in research.probe_datasets)
+    assert load_run_config(None, profile="research", tokens=2048).tokens == 2048
+    (tmp_path / "r.toml").write_text('profile = "research"\nseeds = 2\n')
+    from_file = load_run_config(tmp_path / "r.toml")
+    assert (from_file.seeds, from_file.tokens) == (2, 1_048_576)
+    assert load_run_config(None).seeds == 1 and load_run_config(None).extra_d_sae == ()
+    with pytest.raises(MonoscopeError, match="unknown profile 'fast'; choose from default, research"):
+        load_run_config(None, profile="fast")
+
+
+def test_command_line_names_the_profile_and_every_changed_setting():
+    from monoscope.pipeline import command_line
+
+    cfg = load_run_config(None, profile="research", seeds=2, k_values=[16, 32])
+    line = command_line(cfg, "runs/r")
+    assert line == "monoscope run --profile research --seeds 2 --k-values 16 32 --out runs/r"
+    assert command_line(load_run_config(None), "runs/default") == "monoscope run --out runs/default"
+
+
+def test_seeds_and_a_larger_size_give_intervals_and_splitting(tmp_path):
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(TINY + "seeds = 2\nextra_d_sae = [256]\narchitectures = [\"topk\"]\n")
+    out = tmp_path / "r"
+    assert main(["run", "--config", str(cfg_path), "--out", str(out)]) == 0
+    saes = json.loads((out / "saes" / "stage.json").read_text())["data"]
+    assert len(saes["seed_saes"]) == 2 and set(saes["larger"]) == {"256"}
+    assert {r["seed"] for r in saes["table"]} == {0, 1} and {r["d_sae"] for r in saes["table"]} == {128, 256}
+    split = json.loads((out / "split" / "d256" / "splitting.json").read_text())
+    assert split["small_d_sae"] == 128 and split["large_d_sae"] == 256 and split["summary"]["tested"] > 0
+    findings = (out / "findings.md").read_text()
+    assert "| e | Features of the main SAE split into families in the 256-latent SAE" in findings
+    assert "| topk k 8, d_sae 128 | 2 |" in findings  # the main SAE over its two seeds, with intervals
+    assert re.search(r"\| 2 \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", findings)
+    assert "Claims, baselines and verdicts" in (out / "report.html").read_text()

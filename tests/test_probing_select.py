@@ -263,12 +263,14 @@ def test_dense_probe_is_the_same_objective_and_reports_an_interval():
     assert row["f1_low"] <= row["f1"] <= row["f1_high"] and row["f1_high"] - row["f1_low"] > 0.02
 
 
-def test_f1_interval_is_a_percentile_bootstrap():
-    from monoscope.probing.probe import f1_interval
+def test_intervals_are_percentile_bootstraps():
+    from monoscope.probing.probe import bootstrap_intervals
 
     y = np.array([1] * 50 + [0] * 50, bool)
-    assert f1_interval(y, y) == (1.0, 1.0)
+    assert all(v == 1.0 for v in bootstrap_intervals(y, y).values())
     pred = y.copy()
     pred[:10] = False  # recall 0.8, precision 1: F1 0.889
-    low, high = f1_interval(y, pred)
-    assert 0.80 < low < 0.889 < high < 0.96
+    b = bootstrap_intervals(y, pred)
+    assert 0.80 < b["f1_low"] < 0.889 < b["f1_high"] < 0.96
+    assert b["precision_low"] == b["precision_high"] == 1.0
+    assert 0.65 < b["recall_low"] < 0.8 < b["recall_high"] < 0.92

@@ -3,7 +3,9 @@
 Stages (folders of the run, chained by content in monoscope.stages: each re-runs exactly when its settings
 or the content of a stage it reads changed):
     extract   activations of the SAE layer (residual stream + MLP neurons) for training and validation
-    saes      train and evaluate the SAE grid (the fidelity/sparsity frontier)          ← extract
+    saes      train and evaluate the SAE grid (the fidelity/sparsity frontier), the main SAE's extra seeds
+              and dictionary sizes                                                       ← extract
+    split     feature splitting: the main SAE's features matched to the larger SAEs'     ← extract, saes
     probe     sparse probing of neurons across layers and of SAE latents at the SAE layer ← saes
     stats     one-pass feature statistics of the main SAE and of the layer's MLP neurons ← extract, saes
     explain   automated explanations and scores of a sample of features and neurons      ← stats
@@ -27,11 +29,38 @@ from monoscope.probing.user_data import DATASET_HELP, FileColumns
 from monoscope.stages import Run, Stage
 
 
+PROFILES = ("default", "research")
+
+
+def profile_settings(name: str) -> dict[str, Any]:
+    """The settings a profile changes from RunConfig's defaults ("default" changes none).
+
+    research: the serious run of issue "findings a researcher can trust", sized to finish in about 3 h on 2
+    CPU cores: 1M training activations seen once, 4k and 16k SAEs, 3 seeds of the main one, 1,000 examples
+    over every lang:* and code:* dataset, 20 scored excerpts per class, 40 generations per steering arm.
+    """
+    if name not in PROFILES:
+        raise MonoscopeError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}")
+    if name == "default":
+        return {}
+    from monoscope.probing.datasets import list_datasets
+
+    return {"tokens": 1_048_576, "val_tokens": 32_768, "epochs": 1.0, "seeds": 3, "extra_d_sae": (16_384,),
+            "lm_contexts": 32, "probe_examples": 1000,
+            "probe_datasets": tuple(n for n in list_datasets() if n.startswith(("lang:", "code:"))),
+            "explain_features": 8, "explain_neurons": 8, "explain_score_examples": 20, "steer_samples": 40}
+
+
 @dataclass
 class RunConfig(FileColumns):
     """Every choice of a run. Saved as run.toml-equivalent JSON in the run folder. The columns of a labelled
     file among ``probe_datasets`` come from ``FileColumns``."""
 
+    profile: str = field(default="default", metadata={
+        "choices": PROFILES, "help": "a preset of the settings below: default (about 15 min on a 2-core CPU) or "
+                                     "research (about 3 h there: 1M activations, 4k and 16k SAEs, 3 seeds, 1,000 "
+                                     "examples over every lang:* and code:* dataset); a setting given in the "
+                                     "--config file or as a flag wins over the preset"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "model name or folder"})
     device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda)"})
     layer: int | None = field(default=None, metadata={"help": "layer of the SAEs (default: a third of the depth)"})
@@ -45,6 +74,11 @@ class RunConfig(FileColumns):
     architectures: tuple[str, ...] = field(default=("topk", "jumprelu"), metadata={
         "help": "SAE architectures; the later stages interpret the first one's first SAE"})
     d_sae: int = field(default=4096, metadata={"help": "latents per SAE"})
+    seeds: int = field(default=1, metadata={
+        "help": "seeds of the main SAE (the first architecture's first setting); the report's SAE figures get "
+                "intervals over them"})
+    extra_d_sae: tuple[int, ...] = field(default=(), metadata={
+        "help": "more dictionary sizes of the main SAE, each matched to it for feature splitting"})
     k_values: tuple[int, ...] = field(default=(32,), metadata={"help": "k of the TopK-family SAEs"})
     target_l0_values: tuple[float, ...] = field(default=(32.0,), metadata={"help": "target L0 of JumpReLU SAEs"})
     l1_values: tuple[float, ...] = field(default=(5.0,), metadata={"help": "L1 coefficients of ReLU/Gated SAEs"})
@@ -101,10 +135,11 @@ def load_run_config(path: str | Path | None, **overrides: Any) -> RunConfig:
         if not isinstance(data, dict):
             raise MonoscopeError(f"{path} must hold a table of settings")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return from_dict(RunConfig, data, where=str(path or "the run settings"))
+    preset = profile_settings(data.get("profile", "default")) if isinstance(data.get("profile", ""), str) else {}
+    return from_dict(RunConfig, {**preset, **data}, where=str(path or "the run settings"))
 
 
-POSITIVE = ("tokens", "val_tokens", "context_length", "d_sae", "batch_size", "lm_contexts", "probe_examples",
+POSITIVE = ("tokens", "val_tokens", "context_length", "d_sae", "seeds", "batch_size", "lm_contexts", "probe_examples",
             "probe_max_length", "steer_samples", "steer_candidates", "steer_tokens", "explain_score_examples",
             "explain_examples", "explain_group_size", "explain_max_tokens")
 
@@ -125,6 +160,9 @@ def check_settings(cfg: RunConfig) -> None:
         bad = [v for v in getattr(cfg, name) if v < 1]
         if bad or not getattr(cfg, name):
             raise MonoscopeError(f"{name} must be a non-empty list of integers ≥ 1, got {list(getattr(cfg, name))}")
+    if any(d <= cfg.d_sae for d in cfg.extra_d_sae):
+        raise MonoscopeError(f"extra_d_sae {list(cfg.extra_d_sae)} must be larger than d_sae={cfg.d_sae} (feature "
+                             f"splitting matches the main SAE to larger ones)")
     if any(k > cfg.d_sae for k in cfg.k_values):
         raise MonoscopeError(f"k values {list(cfg.k_values)} exceed d_sae={cfg.d_sae}")
     if any(not v > 0 for v in cfg.target_l0_values) or any(v < 0 for v in cfg.l1_values):
@@ -193,11 +231,12 @@ def run_pipeline(cfg: RunConfig, out: str | Path, show_progress: bool | None = N
     ctx = _Context(cfg, lm, plan, run, show_progress)
     ext = _extract_stage(ctx)
     saes = _saes_stage(ctx, ext)
+    split = _split_stage(ctx, ext, saes)
     probe = _probe_stage(ctx, saes)
     stats = _stats_stage(ctx, ext, saes)
     explained = _explain_stage(ctx, stats)
     steering = _steer_stage(ctx, saes, stats, explained)
-    rep = _report_stage(ctx, [ext, saes, probe, stats, explained, steering])
+    rep = _report_stage(ctx, [ext, saes, *([split] if split else []), probe, stats, explained, steering])
     unfinished = [s.name for s in run.stages.values() if not s.complete]
     _log(f"all stages done in {time.perf_counter() - started:.0f} s; report: {rep['report']}"
          + (f"; UNFINISHED: {', '.join(unfinished)} (rerun to retry)" if unfinished else ""))
@@ -244,6 +283,9 @@ def _extract_stage(c: _Context) -> Stage:
 
 
 def _saes_stage(c: _Context, ext: Stage) -> Stage:
+    """The grid, then the main SAE again with each extra seed (``seed<n>/``) and size (``d<size>/``)."""
+    import dataclasses
+
     from monoscope.sweep import SweepConfig, run_sweep
 
     cfg = c.cfg
@@ -252,14 +294,52 @@ def _saes_stage(c: _Context, ext: Stage) -> Stage:
                             tokens=int(cfg.epochs * ext["train_rows"]), batch_size=cfg.batch_size, seed=cfg.seed,
                             hook=c.plan["sae_hook"], device=cfg.device, eval_tokens=ext["validation_rows"],
                             lm_contexts=cfg.lm_contexts)
+    main_only = dataclasses.replace(sweep_cfg, architectures=cfg.architectures[:1], k_values=cfg.k_values[:1],
+                                    target_l0_values=cfg.target_l0_values[:1], l1_values=cfg.l1_values[:1])
+    variants = {"": sweep_cfg,
+                **{f"seed{cfg.seed + i}": dataclasses.replace(main_only, seed=cfg.seed + i) for i in range(1, cfg.seeds)},
+                **{f"d{d}": dataclasses.replace(main_only, d_sae=d) for d in cfg.extra_d_sae}}
 
     def body(folder: Path) -> dict:
         import pandas as pd
 
-        run_sweep(sweep_cfg, ext["train"], ext["validation"], folder, lm=c.lm, show_progress=c.show_progress)
-        table = pd.read_csv(folder / "sweep.csv").to_dict(orient="records")
-        return {"table": table, "main": folder / _pick_main_sae(table, cfg.architectures), "folder": folder}
-    return c.run.stage("saes", to_dict(sweep_cfg), [ext], body)
+        table, seeds, larger = [], [], {}  # folders relative to the stage folder, as in the sweep tables
+        for name, vc in variants.items():
+            run_sweep(vc, ext["train"], ext["validation"], folder / name, lm=c.lm, show_progress=c.show_progress)
+            rows = [{**r, "seed": vc.seed, "folder": (Path(name) / r["folder"]).as_posix()}
+                    for r in pd.read_csv(folder / name / "sweep.csv").to_dict(orient="records")]
+            table += rows
+            if name.startswith("seed"):
+                seeds.append(rows[0]["folder"])
+            elif name:
+                larger[str(vc.d_sae)] = rows[0]["folder"]
+        main = _pick_main_sae(table, cfg.architectures)
+        return {"table": table, "main": folder / main, "folder": folder, "seed_saes": [main, *seeds],
+                "larger": larger}
+    settings = to_dict(sweep_cfg) if len(variants) == 1 else [to_dict(sweep_cfg), sorted(variants)]
+    return c.run.stage("saes", settings, [ext], body)
+
+
+def _split_stage(c: _Context, ext: Stage, saes: Stage) -> Stage | None:
+    """The main SAE's features matched to their families in each larger SAE (none without extra sizes)."""
+    from dataclasses import asdict
+
+    from monoscope.interpret.splitting import SplitConfig, find_families
+    from monoscope.sae.io import load_sae
+    from monoscope.store import ActivationStore
+
+    if not saes.get("larger"):
+        return None
+    split_cfg = SplitConfig(seed=c.cfg.seed)
+
+    def body(folder: Path) -> dict:
+        val = ActivationStore(ext["validation"])
+        rows = val.sample_rows(c.plan["sae_hook"], min(split_cfg.rows, val.num_rows), split_cfg.seed)
+        small = load_sae(saes["main"])
+        for d, rel in saes["larger"].items():
+            find_families(small, load_sae(saes["folder"] / rel), rows, split_cfg).save(folder / f"d{d}")
+        return {"folder": folder, "sizes": sorted(saes["larger"], key=int)}
+    return c.run.stage("split", [c.base, asdict(split_cfg)], [ext, saes], body)
 
 
 def _probe_stage(c: _Context, saes: Stage) -> Stage:
@@ -373,8 +453,10 @@ def _report_stage(c: _Context, inputs: list[Stage]) -> Stage:
         steering = SteeringDemo.load(views["steer"]["demo"]).to_dict()
         path = write_report(out, cfg=c.cfg, plan=c.plan, lm=c.lm, ext=views["extract"], saes=views["saes"],
                             probe=views["probe"], stats=views["stats"], explained=views["explain"],
-                            steering=steering, timings=c.run.timings, versions=versions)
-        return {"report": path, "browser": out / "browser", "browser_neurons": out / "browser_neurons"}
+                            steering=steering, timings=c.run.timings, versions=versions, split=views.get("split"),
+                            command=command_line(c.cfg, out.name))
+        return {"report": path, "findings": out / "findings.md", "browser": out / "browser",
+                "browser_neurons": out / "browser_neurons"}
     return c.run.stage("report", [to_dict(c.cfg), versions, c.run.timings], inputs, body)
 
 
@@ -413,6 +495,17 @@ def _sample_units(stats_folder, n: int, seed: int) -> list[int]:
     chosen = order[picks]
     rng.shuffle(chosen)
     return sorted(int(i) for i in chosen)
+
+
+def command_line(cfg: RunConfig, out: str) -> str:
+    """The `monoscope run` line that makes ``cfg``: its profile and every setting that differs from it."""
+    preset = to_dict(load_run_config(None, profile=cfg.profile))
+    flags = [f"--profile {cfg.profile}"] if cfg.profile != "default" else []
+    for key, value in to_dict(cfg).items():
+        if key != "profile" and value != preset[key]:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+            flags.append(f"--{key.replace('_', '-')} {shown}")
+    return " ".join(["monoscope run", *flags, f"--out {out}"])
 
 
 def _to_toml(data: dict) -> str:

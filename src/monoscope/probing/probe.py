@@ -454,31 +454,35 @@ def binary_metrics(y01: np.ndarray, score: np.ndarray) -> dict:
         auc = (ranks[y01].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     else:
         auc = float("nan")
-    low, high = f1_interval(y01, pred)
     return {
         "f1": f1,
-        "f1_low": low,
-        "f1_high": high,
         "mcc": mcc,
         "precision": precision,
         "recall": recall,
+        **bootstrap_intervals(y01, pred),
         "accuracy": (tp + tn) / len(y01),
         "roc_auc": float(auc),
     }
 
 
-def f1_interval(y01: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile-bootstrap interval of F1 over the test examples (resampled with replacement)."""
+def bootstrap_intervals(y01: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """95 % percentile-bootstrap intervals of F1, precision and recall over the test examples (resampled with
+    replacement, the same resamples for all three): {"f1_low", "f1_high", "precision_low", ...}."""
+    names = ("f1", "precision", "recall")
     n = len(y01)
     if n == 0:
-        return float("nan"), float("nan")
+        return {f"{m}_{end}": float("nan") for m in names for end in ("low", "high")}
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     t, p = y01[idx], pred[idx]
-    tp = (t & p).sum(1)
-    wrong = (t ^ p).sum(1)
-    f1 = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 0.0)
-    low, high = np.percentile(f1, [2.5, 97.5])
-    return float(low), float(high)
+    tp, fp, fn = (t & p).sum(1), (~t & p).sum(1), (t & ~p).sum(1)
+    values = {"f1": np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0),
+              "precision": np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0),
+              "recall": np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)}
+    out = {}
+    for name in names:
+        low, high = np.percentile(values[name], [2.5, 97.5])
+        out[f"{name}_low"], out[f"{name}_high"] = float(low), float(high)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from monoscope.artifacts import atomic_path
 from monoscope.report.formatting import number
 
 REPORT = "report.html"
+FINDINGS = "findings.md"
 
 
 def _img(path: Path, alt: str) -> dict:
@@ -119,17 +120,25 @@ def _explanations(path: str | None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_report(out: Path, *, cfg, plan, lm, ext, saes, probe, stats, explained, steering, timings, versions) -> Path:
-    """Build report.html (and the feature browser beside it) from the stage results."""
+def write_report(out: Path, *, cfg, plan, lm, ext, saes, probe, stats, explained, steering, timings, versions,
+                 split: dict | None = None, command: str = "monoscope run") -> Path:
+    """Build report.html, findings.md (the claims' table) and the feature browsers from the stage results."""
     from monoscope.report.browser import template_environment, build_browser
+    from monoscope.report.claims import all_claims, findings_markdown, sae_headline
 
     out = Path(out)
     build_browser(stats["features"], out / "browser", title=f"{lm.name} · {plan['sae_hook']} SAE features",
                   explanations=explained.get("features"))
     build_browser(stats["neurons"], out / "browser_neurons", title=f"{lm.name} · {plan['neuron_hook']} neurons",
                   explanations=explained.get("neurons"))
-    sections = [*_probing_sections(probe, plan), _sae_section(saes), _explain_section(cfg, explained),
-                _steer_section(steering), _settings_section(cfg, ext, probe, timings, versions)]
+    claims, headline = all_claims(cfg, plan, saes, probe, split, steering), sae_headline(saes["table"],
+                                                                                          cfg.architectures)
+    sections = [_claims_section(cfg, claims, command), *_probing_sections(probe, plan), _sae_section(saes, headline),
+                _explain_section(cfg, explained), _steer_section(steering), _settings_section(cfg, ext, probe, timings,
+                                                                                              versions)]
+    with atomic_path(out / FINDINGS) as tmp:
+        tmp.write_text(findings_markdown(claims, headline, title=f"monoscope findings: {lm.name} ({cfg.profile} "
+                                         f"profile)", command=command, timings=timings, note=_size_warning(cfg)))
     page = template_environment().get_template("report.html").render(
         title=f"monoscope findings: {lm.name}", model=lm.name, hook=plan["sae_hook"], sections=sections)
     path = out / REPORT
@@ -165,13 +174,32 @@ def _probing_sections(probe: dict, plan: dict) -> list[dict]:
             {"title": f"SAE latents vs neurons at layer {plan['layer']}", "blocks": latents}]
 
 
-def _sae_section(saes: dict) -> dict:
+def _claims_section(cfg, claims, command: str) -> dict:
+    from monoscope.report.claims import claims_table
+
+    blocks = [_p("Each finding of the field this run can test, measured here with its 95 % interval beside the "
+                 "baseline it must beat. Reproduced: the intervals separate in the claimed direction; not reproduced: "
+                 "they separate the other way; inconclusive: they overlap. Produced by: " + command)]
+    if warning := _size_warning(cfg):
+        blocks.append(_p(warning, "warn"))
+    return {"title": "Claims, baselines and verdicts", "blocks": [*blocks, _table(claims_table(claims))]}
+
+
+def _size_warning(cfg) -> str:
+    if cfg.profile == "research":
+        return ""
+    return ("This is a small run: a claim whose 'size note' is filled cannot be supported at this size, whatever its "
+            "verdict; `monoscope run --profile research` measures every claim at the sizes it needs.")
+
+
+def _sae_section(saes: dict, headline: pd.DataFrame) -> dict:
     sweep = pd.DataFrame(saes["table"])
-    cols = [c for c in ("architecture", "knob", "value", "d_sae", "train_tokens", "l0", "fvu", "explained_variance",
+    cols = [c for c in ("architecture", "knob", "value", "d_sae", "seed", "train_tokens", "l0", "fvu", "explained_variance",
                         "delta_loss", "ce_loss_recovered", "kl_score", "dead_fraction", "train_tokens_per_s")
             if c in sweep.columns]
     return {"title": "Fidelity / sparsity frontier of the SAEs",
-            "blocks": [_img(Path(saes["folder"]) / "delta_loss_vs_l0.png", "delta loss vs L0"),
+            "blocks": [_p("The main SAE (the later stages interpret it), mean [95 % interval] over its seeds:"),
+                       _table(headline), _img(Path(saes["folder"]) / "delta_loss_vs_l0.png", "delta loss vs L0"),
                        _img(Path(saes["folder"]) / "fvu_vs_l0.png", "FVU vs L0"),
                        _table(sweep[cols] if cols else sweep)]}
 

@@ -1,0 +1,85 @@
+"""The claims' verdict rules, the intervals behind them and feature splitting on SAEs built by hand."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from monoscope.intervals import mean_interval, wilson
+from monoscope.report.claims import (INCONCLUSIVE, NOT_MEASURED, NOT_REPRODUCED, REPRODUCED, greater,
+                                     latent_claims, superposition_claims, tally)
+
+
+def test_wilson_and_t_intervals_match_textbook_values():
+    low, high = wilson(7, 21)
+    assert low == pytest.approx(0.1719, abs=1e-3) and high == pytest.approx(0.5458, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and all(math.isnan(v) for v in wilson(0, 0))
+    mean, lo, hi = mean_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and hi - mean == pytest.approx(4.303 * 1.0 / math.sqrt(3), rel=1e-3)
+    assert math.isnan(mean_interval([5.0])[1])
+
+
+def test_verdicts_need_separated_intervals():
+    assert greater((0.9, 0.85, 0.95), (0.5, 0.4, 0.6)) == REPRODUCED
+    assert greater((0.5, 0.4, 0.6), (0.9, 0.85, 0.95)) == NOT_REPRODUCED
+    assert greater((0.7, 0.5, 0.8), (0.6, 0.45, 0.75)) == INCONCLUSIVE
+    assert tally([REPRODUCED, REPRODUCED, INCONCLUSIVE])[0] == REPRODUCED
+    assert tally([REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE])[0] == INCONCLUSIVE
+    assert tally([])[0] == NOT_MEASURED
+
+
+def _rows(dataset, layer, k, f1, half, precision=0.5, **extra):
+    return {"dataset": dataset, "layer": layer, "k": k, "method": "mean_diff", "control": "none", "f1": f1,
+            "f1_low": f1 - half, "f1_high": f1 + half, "precision": precision, "precision_low": precision - half,
+            "precision_high": precision + half, "recall": 0.5, "recall_low": 0.4, "recall_high": 0.6, **extra}
+
+
+class _Cfg:
+    probe_examples, seeds, steer_samples = 1000, 3, 40
+
+
+def test_superposition_claims_read_the_layers():
+    # layer 0: one neuron 0.5, sixteen 0.9 (superposition); layer 6: one neuron 0.88 ≈ sixteen 0.9 (dedicated)
+    frame = pd.DataFrame([_rows("d", 0, 1, 0.5, 0.05), _rows("d", 0, 16, 0.9, 0.03),
+                          _rows("d", 6, 1, 0.88, 0.04), _rows("d", 6, 16, 0.9, 0.03)])
+    a1, a2 = superposition_claims(frame, _Cfg)
+    assert (a1.verdict, a2.verdict) == (REPRODUCED, REPRODUCED) and not a1.size_note
+    frame.loc[2, ["f1", "f1_low", "f1_high"]] = [0.6, 0.55, 0.65]  # now no layer has a dedicated neuron
+    assert superposition_claims(frame, _Cfg)[1].verdict == NOT_REPRODUCED
+
+
+def test_latent_claims_compare_latents_with_both_baselines():
+    neurons = pd.DataFrame([_rows("d", 6, 1, 0.6, 0.05, precision=0.5)])
+    resid = pd.DataFrame([_rows("d", 6, 1, 0.65, 0.05)])
+    sae = pd.DataFrame([_rows("d", 6, 1, 0.9, 0.03, precision=0.9)])
+    b, f = latent_claims(neurons, sae, resid, 6, _Cfg)
+    assert (b.verdict, f.verdict) == (REPRODUCED, REPRODUCED)
+    small = type("C", (), {"probe_examples": 240, "seeds": 1, "steer_samples": 20})
+    assert "probe_examples = 240" in latent_claims(neurons, sae, resid, 6, small)[0].size_note
+
+
+def test_a_feature_duplicated_into_two_directions_is_found_split(tmp_path):
+    from monoscope.interpret.splitting import SplitConfig, Splitting, find_families
+    from monoscope.sae import REGISTRY, SAEConfig
+
+    torch.manual_seed(0)
+    d, m = 16, 8
+    small = REGISTRY["relu"](SAEConfig(architecture="relu", d_in=d, d_sae=m))
+    large = REGISTRY["relu"](SAEConfig(architecture="relu", d_in=d, d_sae=2 * m))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        for sae in (small, large):
+            sae.b_dec.zero_(), sae.b_enc.zero_()
+        small.W_dec.copy_(eye[:m]), small.W_enc.copy_(eye[:m].T)
+        # feature 0 becomes two large features (direction 0 tilted two ways), the others are kept one-to-one
+        tilt = torch.stack([eye[0] + 0.3 * eye[m], eye[0] - 0.3 * eye[m]])
+        w = torch.cat([tilt, eye[1:m], eye[m + 1:]])  # 2 + 7 + 7 rows: small feature j > 0 is large j + 1
+        large.W_dec.copy_(w), large.W_enc.copy_(w.T)
+    rows = torch.relu(torch.randn(4000, d))
+    result = find_families(small, large, rows, SplitConfig(units=m, min_firings=5))
+    fam = result.family_of(0)
+    assert fam["splits"] and sorted(fam["members"]) == [0, 1] and fam["coverage"] > 0.9
+    assert not result.family_of(3)["splits"] and result.family_of(3)["members"] == [4]
+    assert result.summary["split"] == 1 and result.summary["tested"] == m
+    result.save(tmp_path)
+    assert Splitting.load(tmp_path).summary == result.summary
