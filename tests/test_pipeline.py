@@ -189,3 +189,6 @@ def test_seeds_and_a_larger_size_give_intervals_and_splitting(tmp_path):
     assert "| topk k 8, d_sae 128 | 2 |" in findings  # the main SAE over its two seeds, with intervals
     assert re.search(r"\| 2 \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", findings)
     assert "Claims, baselines and verdicts" in (out / "report.html").read_text()
+    tested = split["families"][0]
+    page = (out / "browser" / "features" / f"{tested['unit']}.html").read_text()
+    assert "Splits into (256-latent SAE)" in page and f"{round(100 * tested['coverage'])} %" in page

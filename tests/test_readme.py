@@ -39,6 +39,8 @@ SHRINK = {  # subcommand -> flags that make it small enough for CI
     "steer": ["--max-new-tokens", "4"],
     "specificity": ["--max-examples", "40", "--max-length", "32"],
 }
+RESEARCH = ["--seeds", "2", "--extra-d-sae", "256", "--explain-features", "1", "--explain-neurons", "1",
+            "--explain-score-examples", "2", "--steer-samples", "4"]  # the research line: its sizes, smaller
 
 
 def tour() -> list[list[str]]:
@@ -68,13 +70,14 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
         if argv[0] == "serve":
             _serve(argv)
             continue
-        code = main(argv + SHRINK[argv[0]])
+        code = main(argv + SHRINK[argv[0]] + (RESEARCH if "--profile" in argv else []))
         out, err = capsys.readouterr()
         assert code == 0, f"monoscope {' '.join(argv)} exited {code}: {err[-2000:]}"
         assert "Traceback" not in err and "Warning" not in err, err[-2000:]
     assert (tmp_path / "sae/topk/cfg.json").exists() and (tmp_path / "sae/topk/eval.json").exists()
     assert (tmp_path / "browser/index.html").exists() and (tmp_path / "spec/specificity.json").exists()
     assert (tmp_path / "runs/mine/report.html").exists()
+    assert "| e | Features of the main SAE split" in (tmp_path / "runs/research/findings.md").read_text()
     assert any(json.loads(line).get("explanation") for line in (tmp_path / "stats/explanations.jsonl").open())
 
 

@@ -286,13 +286,16 @@ def _check_target(out: Path) -> None:
 
 def build_browser(stats_folder: str | os.PathLike, out_folder: str | os.PathLike, title: str | None = None,
                   explanations: str | os.PathLike | None = None, max_features: int | None = None,
-                  features: Iterable[int] | None = None) -> Path:
+                  features: Iterable[int] | None = None, splitting: str | os.PathLike | None = None) -> Path:
     """Build the static feature browser for ``stats_folder`` into ``out_folder``; returns ``out_folder``.
 
     ``explanations``: an autointerp JSON-lines file (default: ``explanations.jsonl`` in the stats folder
     when present). ``max_features``: only the first N ids get pages (all by default); ``features``:
-    exactly these ids. An existing browser at ``out_folder`` is replaced atomically.
+    exactly these ids. ``splitting``: a split-stage folder (``splitting.json``); its tested features' pages show
+    the family they split into in the larger SAE. An existing browser at ``out_folder`` is replaced atomically.
     """
+    from monoscope.interpret.splitting import Splitting
+
     stats = StatsArtifact(stats_folder)
     out = Path(out_folder)
     _check_target(out)
@@ -314,11 +317,12 @@ def build_browser(stats_folder: str | os.PathLike, out_folder: str | os.PathLike
     elif explanations is not None and not Path(explanations).exists():
         raise MonoscopeError(f"explanations file {explanations} does not exist")
     expl = load_explanations(explanations)
+    split = Splitting.load(splitting) if splitting else None
 
     unit = "Neuron" if stats.kind == "neurons" else "Feature"
     title = title or " · ".join(x for x in (stats.model, stats.hook, unit.lower() + "s") if x)
     site = dict(title=title, unit=unit, kind=stats.kind, model=stats.model, hook=stats.hook,
-                n_tokens=stats.n_tokens, neuron_hook=stats.neuron_hook,
+                n_tokens=stats.n_tokens, neuron_hook=stats.neuron_hook, split_size=split.large_d_sae if split else None,
                 has_scores=any(v is not None for r in expl.values() for v in explanation_scores(r).values()))
     env = template_environment()
     feature_tpl = env.get_template("feature.html")
@@ -341,6 +345,9 @@ def build_browser(stats_folder: str | os.PathLike, out_folder: str | os.PathLike
             page = _feature_context(fd, rec, scores, stats, page_ids,
                                     prev_id=ids[pos - 1] if pos > 0 else None,
                                     next_id=ids[pos + 1] if pos + 1 < len(ids) else None)
+            family = split.family_of(fd.id) if split else None
+            page["family"] = family and {**family, "rows": [dict(id=i, value=c, href=None)
+                                                            for i, c in zip(family["members"], family["cosines"])]}
             (tmp / "features" / f"{fd.id}.html").write_text(
                 feature_tpl.render(site=site, f=page, root="../"), encoding="utf-8")
         summary = _index_summary(rows, stats)

@@ -127,8 +127,10 @@ def write_report(out: Path, *, cfg, plan, lm, ext, saes, probe, stats, explained
     from monoscope.report.claims import all_claims, findings_markdown, sae_headline
 
     out = Path(out)
+    sizes = (split or {}).get("sizes") or []
     build_browser(stats["features"], out / "browser", title=f"{lm.name} · {plan['sae_hook']} SAE features",
-                  explanations=explained.get("features"))
+                  explanations=explained.get("features"),
+                  splitting=Path(split["folder"]) / f"d{sizes[0]}" if sizes else None)
     build_browser(stats["neurons"], out / "browser_neurons", title=f"{lm.name} · {plan['neuron_hook']} neurons",
                   explanations=explained.get("neurons"))
     claims, headline = all_claims(cfg, plan, saes, probe, split, steering), sae_headline(saes["table"],
