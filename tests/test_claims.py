@@ -83,3 +83,21 @@ def test_a_feature_duplicated_into_two_directions_is_found_split(tmp_path):
     assert result.summary["split"] == 1 and result.summary["tested"] == m
     result.save(tmp_path)
     assert Splitting.load(tmp_path).summary == result.summary
+
+
+def test_explanation_claim_pairs_the_two_explainers_on_each_unit(tmp_path):
+    import json
+
+    from monoscope.report.claims import explanation_claims
+
+    def rec(unit, llm, tok):
+        cand = {"llm": {"explanation": "x", "status": "ok", "detection": {"accuracy": llm}},
+                "tokens": {"explanation": "y", "status": "ok", "detection": {"accuracy": tok}}}
+        return {"feature": unit, "explanation": "x", "status": "ok", "explained_by": "llm", "candidates": cand}
+    path = tmp_path / "features.jsonl"
+    path.write_text("".join(json.dumps(rec(u, 0.9, 0.6 + 0.01 * u)) + "\n" for u in range(5)))
+    cfg = type("C", (), {"explain_score_examples": 20})
+    [claim] = explanation_claims({"features": str(path)}, cfg)
+    assert claim.verdict == REPRODUCED and "over 5 units" in claim.measured and not claim.size_note
+    path.write_text("".join(json.dumps(rec(u, 0.5, 0.6 + 0.01 * u)) + "\n" for u in range(5)))
+    assert explanation_claims({"features": str(path)}, cfg)[0].verdict == NOT_REPRODUCED

@@ -133,7 +133,7 @@ def write_report(out: Path, *, cfg, plan, lm, ext, saes, probe, stats, explained
                   splitting=Path(split["folder"]) / f"d{sizes[0]}" if sizes else None)
     build_browser(stats["neurons"], out / "browser_neurons", title=f"{lm.name} · {plan['neuron_hook']} neurons",
                   explanations=explained.get("neurons"))
-    claims, headline = all_claims(cfg, plan, saes, probe, split, steering), sae_headline(saes["table"],
+    claims, headline = all_claims(cfg, plan, saes, probe, split, steering, explained), sae_headline(saes["table"],
                                                                                           cfg.architectures)
     sections = [_claims_section(cfg, claims, command), *_probing_sections(probe, plan), _sae_section(saes, headline),
                 _explain_section(cfg, explained), _steer_section(steering), _settings_section(cfg, ext, probe, timings,
