@@ -541,6 +541,22 @@ def test_echo_rule_keeps_real_explanations():
         assert not _paraphrases_task(real), real
 
 
+def test_explanations_naming_only_the_task_material_are_rejected():
+    """Seen from the 270M model in a research run: texts about the excerpts themselves say nothing of the
+    feature; any content word or a quoted token keeps an explanation."""
+    from monoscope.interpret.autointerp import _only_task_words, parse_explanation
+
+    for vacuous in ("The following are the text excerpts from the text.",
+                    "The following is a list of the tokens in the text.", "the marked tokens"):
+        assert _only_task_words(vacuous), vacuous
+        text, reason = parse_explanation(f"Explanation: {vacuous}\n")
+        assert text is None and "repeats the prompt" in reason
+    for real in ("numbers from 1 to 10", "tokens after a comma", "French language text", "the token 'the'",
+                 'the word "in"', "words at the start of a line", "the excerpts are about cooking"):
+        assert not _only_task_words(real), real
+        assert parse_explanation(f"Explanation: {real}\n")[0], real
+
+
 def test_choice_compares_only_scores_both_completed():
     from monoscope.interpret.autointerp import _choose
 

@@ -1,5 +1,6 @@
 """Steering with SAE latents on a tiny random Llama: clamp / add / ablate maths, generation, measurement, errors."""
 import argparse
+import contextlib
 
 import pytest
 import torch
@@ -106,6 +107,21 @@ def test_steering_effect(lm, sae):
     lo, hi = res["difference"]["ci95"]
     assert lo <= hi
     assert 0.0 <= res["keyword_p_value"] <= 1.0
+
+
+def test_steering_effect_other_arms(lm, sae):
+    """Extra arms are measured on the same prompts and seeds against the one default arm: an arm that steers
+    like the main one gets the same texts and comparison, a no-op arm gets the default's texts and a zero
+    difference, and the default arm is what a run without extra arms gives."""
+    kw = dict(mode="add", n_samples=4, max_new_tokens=3, keywords=["a"], n_boot=50)
+    plain = steering_effect(lm, sae, 1, 300.0, ["ab", "cd"], **kw)
+    res = steering_effect(lm, sae, 1, 300.0, ["ab", "cd"], **kw, others={
+        "again": lambda: steer(lm, sae, [Intervention(1, 300.0, "add")]), "none": contextlib.nullcontext})
+    assert res["default"]["texts"] == plain["default"]["texts"] and res["difference"] == plain["difference"]
+    assert res["again"]["texts"] == res["steered"]["texts"] != res["default"]["texts"]
+    assert res["again"]["difference"] == res["difference"]
+    assert res["again"]["keyword_p_value"] == res["keyword_p_value"]
+    assert res["none"]["texts"] == res["default"]["texts"] and res["none"]["difference"]["mean"] == 0.0
 
 
 def test_keyword_p_value():

@@ -179,7 +179,7 @@ def parse_explanation(raw: str, max_chars: int = 200, prompt: str = "") -> tuple
         if _is_garbage(text):
             continue
         flat = " ".join(text.split()).lower()
-        if (len(flat) >= 12 and flat[:60] in flat_prompt) or _paraphrases_task(text):
+        if (len(flat) >= 12 and flat[:60] in flat_prompt) or _paraphrases_task(text) or _only_task_words(line):
             echoed = True  # a base model often continues by quoting or rewording the task
             continue
         return text, None
@@ -208,6 +208,21 @@ def _paraphrases_task(text: str) -> bool:
         if tuple(words[i:i + 4]) in TASK_SHINGLES:
             covered.update(range(i, i + 4))
     return len(covered) >= max(5, 0.6 * len(words))  # five: "numbers from 1 to 10" is not an echo
+
+
+FILLER = set("a an the is are was were be this that these those of in on at to from for with by and or as it its "
+             "there here all each some any following list lists listed contain contains containing shown given "
+             "above below about text texts excerpt excerpts sentence sentences example examples".split())
+
+
+def _only_task_words(text: str) -> bool:
+    """Does ``text`` name nothing but the task's own material ("The following are the text excerpts from the
+    text.", "a list of the tokens")? True when every word is filler or an instruction word and nothing is
+    quoted; a quoted token ("the token 'the'") or any other word counts as content."""
+    if re.search(r"[\"'“‘«<].+?[\"'”’»>]", text):
+        return False
+    words = _words(text)
+    return bool(words) and all(w in FILLER or w in TASK_WORDS for w in words)
 
 
 def _is_garbage(text: str) -> bool:

@@ -248,7 +248,8 @@ def _summary(x: np.ndarray) -> dict[str, float]:
 def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str], *, mode: str = "clamp",
                     n_samples: int = 20, max_new_tokens: int = 40, temperature: float = 0.7, seed: int = 0,
                     keywords: Sequence[str] | None = None, n_boot: int = 1000,
-                    steered: Callable[[], ContextManager] | None = None) -> dict:
+                    steered: Callable[[], ContextManager] | None = None,
+                    others: dict[str, Callable[[], ContextManager]] | None = None) -> dict:
     """Does steering feature ``feature`` make the generations express it?
 
     For each prompt, ``n_samples`` default and steered continuations are drawn (same seeds). Each
@@ -259,6 +260,8 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
     mention one (whole words, see ``mentions``) with its standard error and ``keyword_p_value``.
     ``steered``: a context manager factory to steer with instead of the feature (e.g. ``add_vector`` of a
     baseline direction); the feature's activation on the text still measures the concept.
+    ``others``: more steered arms by name (same prompts and seeds), each compared with the one default arm:
+    ``result[name]`` holds its summary plus its own ``difference`` and ``keyword_p_value``.
     """
     if n_samples < 2:
         raise MonoscopeError(f"n_samples must be at least 2 for a standard error (20 or more is advised), got {n_samples}")
@@ -266,12 +269,12 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
         raise MonoscopeError("prompts must be a non-empty list of strings")
     _check_gen(max_new_tokens, n_samples, temperature)
     ivs = _check(lm, sae, [Intervention(feature, value, mode)])
-    arms: dict[str, dict[str, list]] = {arm: {"act": [], "text": [], "distinct": []} for arm in ("default", "steered")}
+    makers = {"default": contextlib.nullcontext, "steered": steered or (lambda: steer(lm, sae, ivs)), **(others or {})}
+    arms: dict[str, dict[str, list]] = {arm: {"act": [], "text": [], "distinct": []} for arm in makers}
     for p_i, prompt in enumerate(prompts):
         ids = _prompt_ids(lm, prompt)
-        for arm in arms:
-            ctx = ((steered or (lambda: steer(lm, sae, ivs)))() if arm == "steered" else contextlib.nullcontext())
-            with ctx:
+        for arm, make in makers.items():
+            with make():
                 new = _sample(lm, ids, n_samples, max_new_tokens, temperature, seed + p_i)
             arms[arm]["act"].append(_features_on_generated(lm, sae, ids, new, [ivs[0].feature] * len(new)))
             arms[arm]["text"] += _decode(lm, new)
@@ -280,25 +283,37 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
                     "keywords": list(keywords or []),
                     "n_prompts": len(prompts), "n_samples": n_samples, "max_new_tokens": max_new_tokens,
                     "temperature": temperature, "seed": seed}
-    acts = {arm: np.concatenate(arms[arm]["act"]) for arm in arms}
-    for arm in arms:
-        result[arm] = {"mean_activation": _summary(acts[arm]),
-                       "distinct_tokens": _summary(np.concatenate(arms[arm]["distinct"]))}
+    for arm, raw in arms.items():
+        result[arm] = _arm_summary(raw, keywords)
+    for arm in [a for a in arms if a != "default"]:
+        into = result if arm == "steered" else result[arm]
+        into["difference"] = _difference(result["default"]["_acts"], result[arm]["_acts"], n_boot, seed)
         if keywords:
-            hits = np.array([mentions(t, keywords) for t in arms[arm]["text"]], dtype=float)
-            p = float(hits.mean())
-            result[arm]["keyword_rate"] = {"mean": p, "se": math.sqrt(p * (1 - p) / len(hits)),
-                                           "hits": int(hits.sum()), "n": len(hits)}
-        result[arm]["examples"] = arms[arm]["text"][:3]
-        result[arm]["texts"] = arms[arm]["text"]
-    rng = np.random.default_rng(seed)
-    a, b = acts["default"], acts["steered"]
-    boots = np.array([rng.choice(b, len(b)).mean() - rng.choice(a, len(a)).mean() for _ in range(n_boot)])
-    result["difference"] = {"mean": float(b.mean() - a.mean()),
-                            "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]}
-    if keywords:
-        result["keyword_p_value"] = keyword_p_value(result["default"]["keyword_rate"], result["steered"]["keyword_rate"])
+            into["keyword_p_value"] = keyword_p_value(result["default"]["keyword_rate"], result[arm]["keyword_rate"])
+    for arm in arms:
+        del result[arm]["_acts"]
     return result
+
+
+def _arm_summary(raw: dict[str, list], keywords: Sequence[str] | None) -> dict:
+    """One arm's means with standard errors, keyword rate, first examples and texts (``_acts``: the raw
+    activations, for the comparison)."""
+    acts = np.concatenate(raw["act"])
+    out = {"mean_activation": _summary(acts), "distinct_tokens": _summary(np.concatenate(raw["distinct"]))}
+    if keywords:
+        hits = np.array([mentions(t, keywords) for t in raw["text"]], dtype=float)
+        p = float(hits.mean())
+        out["keyword_rate"] = {"mean": p, "se": math.sqrt(p * (1 - p) / len(hits)), "hits": int(hits.sum()),
+                               "n": len(hits)}
+    return {**out, "examples": raw["text"][:3], "texts": raw["text"], "_acts": acts}
+
+
+def _difference(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Mean of ``b`` minus mean of ``a`` with a bootstrap 95 % interval."""
+    rng = np.random.default_rng(seed)
+    boots = np.array([rng.choice(b, len(b)).mean() - rng.choice(a, len(a)).mean() for _ in range(n_boot)])
+    return {"mean": float(b.mean() - a.mean()),
+            "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]}
 
 
 def keyword_p_value(default: dict, steered: dict) -> float:

@@ -14,8 +14,9 @@ then measure that on fresh seeds.
 4. ``steering_effect`` measures the pick on other seeds in full precision: keyword rate (Fisher exact
    p-value), the feature's activation on the generated text and the distinct-token share, default vs steered.
    Choosing on the screen and measuring on fresh samples keeps the reported effect free of the selection.
-5. ``baseline_effect`` steers the same concept by its difference-of-means direction at matched norm on the
-   same prompts and seeds: SAE steering is worth reporting only beside it.
+5. ``baseline_vector`` steers the same concept by its difference-of-means direction at matched norm, a third
+   arm of the same measurement (same prompts, seeds and unsteered arm): SAE steering is worth reporting only
+   beside it.
 """
 from __future__ import annotations
 
@@ -257,28 +258,36 @@ def find_steering_feature(lm, sae, stats_folder: str | Path, cfg: DemoConfig | N
 def measure_feature(lm, sae, candidate: dict, cfg: DemoConfig, explanation: str = "",
                     stats_folder: str | Path | None = None) -> SteeringDemo:
     """Measure one candidate (a ``concept_candidates`` entry) on the demo's fresh seeds, in full precision;
-    with ``stats_folder``, also the difference-of-means baseline for the same concept (``baseline_effect``)."""
+    with ``stats_folder``, also the difference-of-means baseline for the same concept (``baseline_vector``),
+    as a third arm of the same measurement: both are compared with one unsteered arm."""
     feature, value = candidate["feature"], steering_value(candidate["max"])
+    vector, baseline = baseline_vector(lm, sae, stats_folder, candidate, cfg) if stats_folder is not None else (None, {})
+    others = {"baseline": lambda: add_vector(lm, sae.cfg.hook_name, vector)} if vector is not None else {}
     effect = steering_effect(lm, sae, feature, value, list(PROMPTS), n_samples=cfg.per_prompt,
-                             max_new_tokens=cfg.tokens, seed=cfg.seed, keywords=candidate["keywords"])
+                             max_new_tokens=cfg.tokens, seed=cfg.seed, keywords=candidate["keywords"], others=others)
+    if others:
+        arm = effect.pop("baseline")
+        arm.pop("texts")
+        baseline.update({"difference": arm.pop("difference"), "keyword_p_value": arm.pop("keyword_p_value", None),
+                         "steered": arm})
     texts = {arm: effect[arm].pop("texts") for arm in ("default", "steered")}
     pairs = generate_side_by_side(lm, sae, PROMPTS[0], [Intervention(feature, value, "clamp")],
                                   max_new_tokens=cfg.tokens, n_samples=3, seed=cfg.seed)
-    baseline = baseline_effect(lm, sae, stats_folder, candidate, cfg) if stats_folder is not None else {}
     return SteeringDemo(feature=feature, value=value, keywords=candidate["keywords"],
-                        effect=json.loads(json.dumps(effect, default=_plain)), texts=texts, baseline=baseline,
+                        effect=json.loads(json.dumps(effect, default=_plain)), texts=texts,
+                        baseline=json.loads(json.dumps(baseline, default=_plain)),
                         keyword=candidate.get("word", ""),
                         keyword_share_of_top_examples=candidate.get("share", 0.0),
                         density=candidate.get("density", 0.0), explanation=explanation, examples=pairs)
 
 
-def baseline_effect(lm, sae, stats_folder: str | Path, candidate: dict, cfg: DemoConfig) -> dict:
-    """The same concept steered by its difference-of-means direction (AxBench's baseline): the mean activation
-    at the SAE's hook at the token where each top example fires (its text up to that token run through the
-    model: the last position's activation is the one the feature saw) minus the mean over every token of
-    non-activating windows, scaled to the norm the clamp adds at most (value × ‖d_i‖) and added at every
-    position, measured like the feature on the same prompts and seeds (keyword rate, the feature's activation
-    on the text, distinct-token share)."""
+def baseline_vector(lm, sae, stats_folder: str | Path, candidate: dict,
+                    cfg: DemoConfig) -> tuple[torch.Tensor | None, dict]:
+    """The same concept's difference-of-means direction (AxBench's baseline) and its description, or (None,
+    {"failure": ...}): the mean activation at the SAE's hook at the token where each top example fires (its
+    text up to that token run through the model: the last position's activation is the one the feature saw)
+    minus the mean over every token of non-activating windows, scaled to the norm the clamp adds at most
+    (value × ‖d_i‖); ``add_vector`` adds it at every position."""
     from monoscope.hookpoints import text_activations
     from monoscope.interpret.feature_stats import FeatureStats
 
@@ -289,22 +298,15 @@ def baseline_effect(lm, sae, stats_folder: str | Path, candidate: dict, cfg: Dem
     positives = [t.removeprefix(bos) for t in upto if t.removeprefix(bos)]  # the tokenizer adds BOS itself
     negatives = [e.text.removeprefix(bos) for e in fx.negatives]
     if not positives or not negatives:
-        return {"failure": "no top examples or no non-activating windows to take the means of"}
+        return None, {"failure": "no top examples or no non-activating windows to take the means of"}
     at_firing = torch.stack([text_activations(lm, hook, [text])[-1] for text in positives])
     diff = at_firing.mean(0) - text_activations(lm, hook, negatives).mean(0)
     d_i = directions(sae, [feature])[0].float().to(diff.device)
     norm = abs(value) * float(d_i.norm())
-    vector = diff / diff.norm().clamp_min(1e-12) * norm
-    effect = steering_effect(lm, sae, feature, value, list(PROMPTS), n_samples=cfg.per_prompt,
-                             max_new_tokens=cfg.tokens, seed=cfg.seed, keywords=candidate["keywords"],
-                             steered=lambda: add_vector(lm, hook, vector))
-    effect["steered"].pop("texts")
-    return json.loads(json.dumps({
+    return diff / diff.norm().clamp_min(1e-12) * norm, {
         "direction": "difference of means (top examples' firing tokens minus non-activating windows), norm matched",
         "n_positive": len(positives), "n_negative": len(negatives), "norm": norm,
-        "cosine_with_feature": float(torch.nn.functional.cosine_similarity(diff, d_i, dim=0)),
-        "steered": effect["steered"], "difference": effect["difference"],
-        "keyword_p_value": effect.get("keyword_p_value")}, default=_plain))
+        "cosine_with_feature": float(torch.nn.functional.cosine_similarity(diff, d_i, dim=0))}
 
 
 def candidate_of(lm, stats_folder: str | Path, feature: int, cfg: DemoConfig) -> dict:
