@@ -85,6 +85,21 @@ def test_a_feature_duplicated_into_two_directions_is_found_split(tmp_path):
     assert Splitting.load(tmp_path).summary == result.summary
 
 
+def test_json_results_fail_with_one_line_naming_the_fix(tmp_path):
+    from monoscope.errors import MonoscopeError
+    from monoscope.interpret.splitting import Splitting
+    from monoscope.interpret.steering_demo import SteeringDemo
+
+    with pytest.raises(MonoscopeError, match="splitting.json does not exist; rerun the split stage"):
+        Splitting.load(tmp_path)
+    (tmp_path / "steering.json").write_text('{"feature": 3}')  # required fields missing
+    with pytest.raises(MonoscopeError, match="not a readable steering result .*rerun the steer stage"):
+        SteeringDemo.load(tmp_path)
+    (tmp_path / "steering.json").write_text("{not json")
+    with pytest.raises(MonoscopeError, match="not a readable steering result"):
+        SteeringDemo.load(tmp_path)
+
+
 def test_explanation_claim_pairs_the_two_explainers_on_each_unit(tmp_path):
     import json
 

@@ -180,7 +180,7 @@ def test_seeds_and_a_larger_size_give_intervals_and_splitting(tmp_path):
     out = tmp_path / "r"
     assert main(["run", "--config", str(cfg_path), "--out", str(out)]) == 0
     saes = json.loads((out / "saes" / "stage.json").read_text())["data"]
-    assert len(saes["seed_saes"]) == 2 and set(saes["larger"]) == {"256"}
+    assert set(saes["larger"]) == {"256"} and saes["larger"]["256"].startswith("d256/")
     assert {r["seed"] for r in saes["table"]} == {0, 1} and {r["d_sae"] for r in saes["table"]} == {128, 256}
     split = json.loads((out / "split" / "d256" / "splitting.json").read_text())
     assert split["small_d_sae"] == 128 and split["large_d_sae"] == 256 and split["summary"]["tested"] > 0

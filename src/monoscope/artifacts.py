@@ -13,7 +13,9 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
+
+from monoscope.errors import MonoscopeError
 
 
 @contextlib.contextmanager
@@ -97,3 +99,41 @@ def library_versions() -> dict[str, str]:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class JsonResult:
+    """Base of a dataclass result kept as one JSON file in its folder: ``save`` writes it atomically, ``load``
+    reads it back or fails with one line naming the file and the fix. A subclass names ``FILE``, ``WHAT`` and
+    ``FIX`` and may extend ``to_dict`` (derived fields written for readers are ignored on ``load``)."""
+
+    FILE: ClassVar[str]
+    WHAT: ClassVar[str]
+    FIX: ClassVar[str]
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        return json.loads(json.dumps(dataclasses.asdict(self), default=jsonable))
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / self.FILE
+        write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike):
+        import dataclasses
+
+        path = Path(folder) / cls.FILE
+        if not path.exists():
+            raise MonoscopeError(f"{path} does not exist; {cls.FIX}")
+        try:
+            data = read_json(path)
+            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        except (OSError, ValueError, TypeError) as exc:
+            raise MonoscopeError(f"{path} is not a readable {cls.WHAT} ({exc}); {cls.FIX}") from None
+
+
+def jsonable(obj: Any) -> Any:
+    """JSON form of numpy values (and anything else: its text)."""
+    return obj.tolist() if hasattr(obj, "tolist") else str(obj)

@@ -303,19 +303,16 @@ def _saes_stage(c: _Context, ext: Stage) -> Stage:
     def body(folder: Path) -> dict:
         import pandas as pd
 
-        table, seeds, larger = [], [], {}  # folders relative to the stage folder, as in the sweep tables
+        table, larger = [], {}  # folders relative to the stage folder, as in the sweep tables
         for name, vc in variants.items():
             run_sweep(vc, ext["train"], ext["validation"], folder / name, lm=c.lm, show_progress=c.show_progress)
             rows = [{**r, "seed": vc.seed, "folder": (Path(name) / r["folder"]).as_posix()}
                     for r in pd.read_csv(folder / name / "sweep.csv").to_dict(orient="records")]
             table += rows
-            if name.startswith("seed"):
-                seeds.append(rows[0]["folder"])
-            elif name:
+            if name and not name.startswith("seed"):
                 larger[str(vc.d_sae)] = rows[0]["folder"]
         main = _pick_main_sae(table, cfg.architectures)
-        return {"table": table, "main": folder / main, "folder": folder, "seed_saes": [main, *seeds],
-                "larger": larger}
+        return {"table": table, "main": folder / main, "folder": folder, "larger": larger}
     settings = to_dict(sweep_cfg) if len(variants) == 1 else [to_dict(sweep_cfg), sorted(variants)]
     return c.run.stage("saes", settings, [ext], body)
 

@@ -17,16 +17,13 @@ The artifact is one JSON file (``splitting.json``) owned by ``Splitting``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from monoscope.artifacts import read_json, write_json
+from monoscope.artifacts import JsonResult
 from monoscope.errors import MonoscopeError
 from monoscope.intervals import wilson
-
-FILE = "splitting.json"
 
 
 @dataclass
@@ -41,8 +38,12 @@ class SplitConfig:
 
 
 @dataclass
-class Splitting:
+class Splitting(JsonResult):
     """Families of the tested small features and the summary; ``save`` / ``load`` own ``splitting.json``."""
+
+    FILE = "splitting.json"
+    WHAT = "splitting result"
+    FIX = "rerun the split stage (`monoscope run --extra-d-sae ...`)"
 
     small_d_sae: int
     large_d_sae: int
@@ -62,23 +63,7 @@ class Splitting:
                 "median_family": float(np.median(sizes)) if sizes else float("nan")}
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "summary": self.summary}
-
-    def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / FILE
-        write_json(path, self.to_dict())
-        return path
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "Splitting":
-        path = Path(folder) / FILE
-        if not path.exists():
-            raise MonoscopeError(f"{path} does not exist; run the split stage (`monoscope run --extra-d-sae ...`)")
-        data = read_json(path)
-        try:
-            return cls(data["small_d_sae"], data["large_d_sae"], data["config"], data["families"])
-        except (KeyError, TypeError) as exc:
-            raise MonoscopeError(f"{path} is not a splitting result ({exc}); rerun the split stage") from None
+        return {**super().to_dict(), "summary": self.summary}
 
     def family_of(self, unit: int) -> dict | None:
         return next((f for f in self.families if f["unit"] == unit), None)

@@ -20,16 +20,14 @@ then measure that on fresh seeds.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from monoscope.artifacts import read_json, write_json
+from monoscope.artifacts import JsonResult, jsonable
 from monoscope.errors import MonoscopeError
 from monoscope.interpret.steer import (Intervention, add_vector, continuations, directions, generate_side_by_side,
                                        mentions, screen_features, steering_effect, words)
@@ -37,7 +35,6 @@ from monoscope.interpret.steer import (Intervention, add_vector, continuations, 
 PROMPTS = ("I think that", "The most important thing is", "Here is a short story:")
 KEYWORD_MAX_SHARE = 0.2  # a keyword found in more unsteered continuations than this cannot show an increase
 FINALISTS = 32  # candidates of the screen's second round
-RESULT_FILE = "steering.json"
 
 
 @dataclass
@@ -56,8 +53,12 @@ class DemoConfig:
 
 
 @dataclass
-class SteeringDemo:
+class SteeringDemo(JsonResult):
     """The demo's result; owns ``steering.json`` (``save`` / ``load``)."""
+
+    FILE = "steering.json"
+    WHAT = "steering result"
+    FIX = "rerun the steer stage"
 
     feature: int
     value: float
@@ -73,27 +74,6 @@ class SteeringDemo:
     prompt: str = PROMPTS[0]
     mode: str = "clamp"
     baseline: dict = field(default_factory=dict)  # the difference-of-means direction on the same prompts/seeds
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=_plain))
-
-    def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / RESULT_FILE
-        write_json(path, self.to_dict())
-        return path
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "SteeringDemo":
-        path = Path(folder) / RESULT_FILE
-        try:
-            data = read_json(path)
-            return cls(**data)
-        except (OSError, ValueError, TypeError) as exc:
-            raise MonoscopeError(f"cannot read the steering result {path} ({exc}); rerun the steer stage") from None
-
-
-def _plain(obj: Any) -> Any:
-    return obj.tolist() if hasattr(obj, "tolist") else str(obj)
 
 
 # ---------------------------------------------------------------------------------------------- keywords
@@ -274,8 +254,8 @@ def measure_feature(lm, sae, candidate: dict, cfg: DemoConfig, explanation: str 
     pairs = generate_side_by_side(lm, sae, PROMPTS[0], [Intervention(feature, value, "clamp")],
                                   max_new_tokens=cfg.tokens, n_samples=3, seed=cfg.seed)
     return SteeringDemo(feature=feature, value=value, keywords=candidate["keywords"],
-                        effect=json.loads(json.dumps(effect, default=_plain)), texts=texts,
-                        baseline=json.loads(json.dumps(baseline, default=_plain)),
+                        effect=json.loads(json.dumps(effect, default=jsonable)), texts=texts,
+                        baseline=json.loads(json.dumps(baseline, default=jsonable)),
                         keyword=candidate.get("word", ""),
                         keyword_share_of_top_examples=candidate.get("share", 0.0),
                         density=candidate.get("density", 0.0), explanation=explanation, examples=pairs)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from monoscope.intervals import mean_interval, wilson
+from monoscope.report.formatting import with_interval
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_MEASURED = "reproduced", "not reproduced", "inconclusive", "not measured"
 RESEARCH = {"probe_examples": 1000, "seeds": 3, "steer_samples": 40}  # the sizes the claims are made at
@@ -34,14 +35,6 @@ class Claim:
     baseline: str
     verdict: str
     size_note: str = ""
-
-
-def _iv(value, low=None, high=None, digits: int = 2) -> str:
-    if value is None or value != value:
-        return "—"
-    if low is None or high is None or low != low or high != high:
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def greater(a: tuple, b: tuple) -> str:
@@ -98,8 +91,8 @@ def superposition_claims(neurons: pd.DataFrame, cfg) -> list[Claim]:
         layer, top1, top16 = max(per_layer, key=lambda t: t[1][0])
         dedicated.append(REPRODUCED if greater(top16, top1) == INCONCLUSIVE and top1[0] >= 0.8
                          else NOT_REPRODUCED if greater(top16, top1) == REPRODUCED else INCONCLUSIVE)
-        details.append(f"{name}: layer {first} k=1 {_iv(*one)} vs k=16 {_iv(*sixteen)}; best neuron layer {layer} "
-                       f"k=1 {_iv(*top1)} vs k=16 {_iv(*top16)}")
+        details.append(f"{name}: layer {first} k=1 {with_interval(*one)} vs k=16 {with_interval(*sixteen)}; best neuron layer {layer} "
+                       f"k=1 {with_interval(*top1)} vs k=16 {with_interval(*top16)}")
     note = _size_note(cfg, "probe_examples")
     v1, c1 = tally(early)
     v2, c2 = tally(dedicated)
@@ -122,9 +115,9 @@ def latent_claims(neurons: pd.DataFrame, sae: pd.DataFrame, resid: pd.DataFrame,
         rival = max((_triple(n), _triple(r)), key=lambda t: t[0] if t[0] == t[0] else -1)
         b.append(greater(_triple(s), rival))
         f.append(greater(_triple(s, "precision"), _triple(n, "precision")))
-        details.append(f"{name}: latent {_iv(*_triple(s))}, neuron {_iv(*_triple(n))}, residual {_iv(*_triple(r))}")
-        spec.append(f"{name}: latent precision {_iv(*_triple(s, 'precision'))} recall {_iv(*_triple(s, 'recall'))}; "
-                    f"neuron {_iv(*_triple(n, 'precision'))} / {_iv(*_triple(n, 'recall'))}")
+        details.append(f"{name}: latent {with_interval(*_triple(s))}, neuron {with_interval(*_triple(n))}, residual {with_interval(*_triple(r))}")
+        spec.append(f"{name}: latent precision {with_interval(*_triple(s, 'precision'))} recall {with_interval(*_triple(s, 'recall'))}; "
+                    f"neuron {with_interval(*_triple(n, 'precision'))} / {with_interval(*_triple(n, 'recall'))}")
     note = _size_note(cfg, "probe_examples")
     vb, cb = tally(b)
     vf, cf = tally(f)
@@ -139,7 +132,7 @@ def latent_claims(neurons: pd.DataFrame, sae: pd.DataFrame, resid: pd.DataFrame,
                   "the best neuron's precision at the same layer", vf, note)]
 
 
-def frontier_claims(table: list[dict], architectures: tuple[str, ...], cfg) -> list[Claim]:
+def frontier_claims(table: list[dict], cfg) -> list[Claim]:
     """(c) JumpReLU at equal L0 reaches a lower delta LM loss than TopK, against TopK's seed interval."""
     rows = pd.DataFrame(table)
     if rows.empty or "delta_loss" not in rows or not {"topk", "jumprelu"} <= set(rows.architecture):
@@ -157,7 +150,7 @@ def frontier_claims(table: list[dict], architectures: tuple[str, ...], cfg) -> l
         verdict, note = INCONCLUSIVE, (note + "; " if note else "") + f"L0 differs by {l0_ratio:.2f}× (not equal L0)"
     return [Claim("c", "JumpReLU reaches a lower delta LM loss than TopK at equal L0 [Rajamanoharan et al. 2024]",
                   f"JumpReLU {jump.delta_loss:.2f} nats at L0 {jump.l0:.1f} (one seed)",
-                  f"TopK {_iv(t_mean, t_lo, t_hi)} nats at L0 {topk.l0.mean():.1f} over {len(topk)} seed(s)",
+                  f"TopK {with_interval(t_mean, t_lo, t_hi)} nats at L0 {topk.l0.mean():.1f} over {len(topk)} seed(s)",
                   verdict, note)]
 
 
@@ -175,13 +168,13 @@ def steering_claims(steering: dict, cfg) -> list[Claim]:
     steered, default = rate(effect["steered"]), rate(effect["default"])
     verdict = REPRODUCED if p is not None and p < 0.05 else (
         NOT_REPRODUCED if steered[0] <= default[0] else INCONCLUSIVE)
-    dim = (f"difference of means {_iv(*rate(base['steered']))} (p {base.get('keyword_p_value', float('nan')):.3g} "
+    dim = (f"difference of means {with_interval(*rate(base['steered']))} (p {base.get('keyword_p_value', float('nan')):.3g} "
            f"vs unsteered)" if base.get("steered") else f"no difference-of-means baseline ({base.get('failure', '?')})")
     tried = (steering.get("screen") or {}).get("candidates", "?")
     return [Claim("d", f"Clamping feature {steering.get('feature')} ('{steering.get('keyword', '')}') raises the rate "
                        "of generations that mention its concept [Templeton et al. 2024; AxBench 2025 finds a "
                        "difference-of-means direction steers better]",
-                  f"keyword rate {_iv(*steered)} vs unsteered {_iv(*default)}, one-sided Fisher p "
+                  f"keyword rate {with_interval(*steered)} vs unsteered {with_interval(*default)}, one-sided Fisher p "
                   f"{p if p is None else f'{p:.3g}'}; picked from {tried} screened candidates, measured on fresh seeds",
                   dim, verdict, _size_note(cfg, "steer_samples"))]
 
@@ -200,7 +193,7 @@ def splitting_claims(split_folder: str | None, cfg) -> list[Claim]:
         s = Splitting.load(sub)
         m = s.summary
         claims.append(Claim("e", text.replace("a larger SAE", f"the {s.large_d_sae:,}-latent SAE"),
-                            f"{m['split']} of {m['tested']} features split: {_iv(m['split_share'], m['split_low'], m['split_high'])}"
+                            f"{m['split']} of {m['tested']} features split: {with_interval(m['split_share'], m['split_low'], m['split_high'])}"
                             f" (median family {m['median_family']:g})",
                             f"{m['kept_one_to_one']} kept one-to-one, {m['no_match']} with no match",
                             greater((m["split_share"], m["split_low"], m["split_high"]), (0.5, 0.5, 0.5))))
@@ -230,11 +223,11 @@ def explanation_claims(explained: dict, cfg) -> list[Claim]:
     verdict = greater((mean, low, high), (0.0, 0.0, 0.0))
     note = (f"this run's size cannot support it: explain_score_examples = {cfg.explain_score_examples} (the research "
             f"profile uses 20)" if cfg.explain_score_examples < 20 else "")
-    return [Claim("g", text, f"detection accuracy LLM − baseline {_iv(mean, low, high)} over {len(diffs)} units "
+    return [Claim("g", text, f"detection accuracy LLM − baseline {with_interval(mean, low, high)} over {len(diffs)} units "
                              f"(paired); {failed} of {n_units} LLM explanations failed (not counted)", "the token baseline's detection accuracy on the same excerpts", verdict, note)]
 
 
-def sae_headline(table: list[dict], architectures: tuple[str, ...]) -> pd.DataFrame:
+def sae_headline(table: list[dict]) -> pd.DataFrame:
     """The main SAE's metrics as mean [95 % interval] over its seeds (the value alone for one seed)."""
     rows = pd.DataFrame(table)
     if rows.empty:
@@ -244,7 +237,7 @@ def sae_headline(table: list[dict], architectures: tuple[str, ...]) -> pd.DataFr
     out = {"SAE": f"{first.architecture} {first.knob} {first.value:g}, d_sae {first.d_sae}", "seeds": len(same)}
     for col in ("l0", "fvu", "delta_loss", "ce_loss_recovered", "dead_fraction"):
         if col in same:
-            out[col] = _iv(*mean_interval(same[col]), digits=3)
+            out[col] = with_interval(*mean_interval(same[col]), digits=3)
     return pd.DataFrame([out])
 
 
@@ -256,7 +249,7 @@ def all_claims(cfg, plan: dict, saes: dict, probe: dict, split: dict | None, ste
         return pd.read_csv(path) if path and path.exists() else pd.DataFrame()
     neurons = read("neurons")
     return [*superposition_claims(neurons, cfg), *latent_claims(neurons, read("sae"), read("resid"), plan["layer"], cfg),
-            *frontier_claims(saes["table"], cfg.architectures, cfg), *steering_claims(steering, cfg),
+            *frontier_claims(saes["table"], cfg), *steering_claims(steering, cfg),
             *splitting_claims((split or {}).get("folder"), cfg), *explanation_claims(explained or {}, cfg)]
 
 

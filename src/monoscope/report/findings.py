@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from monoscope.artifacts import atomic_path
-from monoscope.report.formatting import number
+from monoscope.report.formatting import number, with_interval
 
 REPORT = "report.html"
 FINDINGS = "findings.md"
@@ -93,13 +93,6 @@ def latents_vs_neurons(neurons: pd.DataFrame, sae: pd.DataFrame, resid: pd.DataF
     return pd.concat(parts, axis=1).reset_index()
 
 
-def with_interval(value, low, high) -> str:
-    """'0.82 [0.71, 0.90]' (the value alone where no interval was recorded)."""
-    if low is None or high is None or not (low == low and high == high):
-        return f"{value:.2f}"
-    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
-
-
 def _explanations(path: str | None) -> pd.DataFrame:
     from monoscope.interpret.autointerp import read_results
 
@@ -133,8 +126,8 @@ def write_report(out: Path, *, cfg, plan, lm, ext, saes, probe, stats, explained
                   splitting=Path(split["folder"]) / f"d{sizes[0]}" if sizes else None)
     build_browser(stats["neurons"], out / "browser_neurons", title=f"{lm.name} · {plan['neuron_hook']} neurons",
                   explanations=explained.get("neurons"))
-    claims, headline = all_claims(cfg, plan, saes, probe, split, steering, explained), sae_headline(saes["table"],
-                                                                                          cfg.architectures)
+    claims = all_claims(cfg, plan, saes, probe, split, steering, explained)
+    headline = sae_headline(saes["table"])
     sections = [_claims_section(cfg, claims, command), *_probing_sections(probe, plan), _sae_section(saes, headline),
                 _explain_section(cfg, explained), _steer_section(steering), _settings_section(cfg, ext, probe, timings,
                                                                                               versions)]

@@ -35,3 +35,12 @@ def percent(x: float | None) -> str:
     if abs(x) < 1e-4:
         return f"{x * 100:.1e}%"
     return f"{x * 100:.3g}%"
+
+
+def with_interval(value, low=None, high=None, digits: int = 2) -> str:
+    """'0.82 [0.71, 0.90]'; the value alone where no interval was recorded; a dash for no value."""
+    if value is None or value != value:
+        return "—"
+    if low is None or high is None or low != low or high != high:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
