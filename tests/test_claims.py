@@ -116,3 +116,28 @@ def test_explanation_claim_pairs_the_two_explainers_on_each_unit(tmp_path):
     assert claim.verdict == REPRODUCED and "over 5 units" in claim.measured and not claim.size_note
     path.write_text("".join(json.dumps(rec(u, 0.5, 0.6 + 0.01 * u)) + "\n" for u in range(5)))
     assert explanation_claims({"features": str(path)}, cfg)[0].verdict == NOT_REPRODUCED
+
+
+def test_saebench_table_averages_accuracy_over_datasets():
+    """SAEBench's cells: mean over datasets of the mean-difference probe's accuracy at k, with the t interval
+    over datasets; a k the run did not probe says so; the plot has one line per unit basis."""
+    import pandas as pd
+
+    from monoscope.report.findings import saebench_plot, saebench_probing
+
+    def frame(acc_k1, acc_dense):
+        rows = [{"dataset": d, "layer": 6, "control": "none", "method": "mean_diff", "k": 1, "accuracy": a}
+                for d, a in zip("abc", acc_k1)]
+        rows += [{"dataset": d, "layer": 6, "control": "none", "method": "dense", "k": 0, "accuracy": a}
+                 for d, a in zip("abc", acc_dense)]
+        rows.append({"dataset": "a", "layer": 6, "control": "shuffled", "method": "mean_diff", "k": 1, "accuracy": 0.0})
+        rows.append({"dataset": "a", "layer": 3, "control": "none", "method": "mean_diff", "k": 1, "accuracy": 0.0})
+        return pd.DataFrame(rows)
+
+    table = saebench_probing({"neurons": frame([0.7, 0.8, 0.9], [1.0, 1.0, 1.0]), "none": pd.DataFrame()}, 6)
+    assert len(table) == 1 and table.loc[0, "datasets"] == 3
+    # mean 0.8, sd 0.1, t(0.975, 2) = 4.303: half-width 0.248
+    assert table.loc[0, "k=1"] == "0.800 [0.552, 1.048]" and table.loc[0, "dense"] == "1.000 [1.000, 1.000]"
+    assert table.loc[0, "k=2"] == "not run" and table.loc[0, "k=5"] == "not run"
+    assert saebench_plot({"neurons": frame([0.7, 0.8, 0.9], [1, 1, 1])}, 6).startswith("data:image/png;base64,")
+    assert saebench_plot({"none": pd.DataFrame()}, 6) is None

@@ -50,6 +50,8 @@ def test_report_sections_filled(tiny_run):
     assert "data:image/png;base64" in section("Where features have dedicated neurons")
     assert "topk" in section("Fidelity / sparsity frontier") and "jumprelu" in section("Fidelity / sparsity frontier")
     assert "SAE latents k=1" in section("SAE latents vs neurons")
+    saebench = section("SAE latents vs neurons").split("SAEBench", 1)[1]  # tiny run: k = 5 not probed
+    assert re.search(r"<td>SAE latents</td>\s*<td>\d+</td>\s*<td>[\d.]+ \[", saebench) and "not run" in saebench
     assert re.search(r"<td>osp</td>", section("Optimal sparse probing"))
     assert "(no rows)" not in section("Where features have dedicated neurons")
     assert "steered" in section("Steering")

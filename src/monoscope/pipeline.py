@@ -88,7 +88,8 @@ class RunConfig(FileColumns):
     probe_datasets: tuple[str, ...] = field(default=("is_python_code", "lang:fr", "code:go"),
                                             metadata={"help": DATASET_HELP})
     probe_layers: tuple[int, ...] = field(default=(), metadata={"help": "layers to probe (default: every 3rd + last)"})
-    probe_ks: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32), metadata={"help": "k grid of the probes"})
+    probe_ks: tuple[int, ...] = field(default=(1, 2, 4, 5, 8, 16, 32), metadata={
+        "help": "k grid of the probes (1, 2 and 5 give SAEBench's sparse-probing table)"})
     probe_methods: tuple[str, ...] = field(default=("adaptive", "mean_diff", "dense"),
                                            metadata={"help": "feature-selection methods of the layer sweep"})
     osp_max_k: int = field(default=4, metadata={"help": "largest k of optimal sparse probing (at the SAE layer)"})

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from monoscope.artifacts import atomic_path
+from monoscope.intervals import mean_interval
 from monoscope.report.formatting import number, with_interval
 
 REPORT = "report.html"
@@ -93,6 +94,47 @@ def latents_vs_neurons(neurons: pd.DataFrame, sae: pd.DataFrame, resid: pd.DataF
     return pd.concat(parts, axis=1).reset_index()
 
 
+SAEBENCH_KS = (1, 2, 5)
+
+
+def saebench_probing(frames: dict[str, pd.DataFrame], layer: int) -> pd.DataFrame:
+    """SAEBench's sparse-probing protocol (Karvonen et al. 2025) at the SAE layer: the k units of largest class
+    mean difference, a logistic probe on them, test accuracy for k = 1, 2, 5, beside the dense probe on every
+    unit; one row per unit basis (``frames``: label -> probe results), each cell the mean over the datasets
+    with its 95 % t interval over them (the datasets, not the examples, are the sample)."""
+    rows = []
+    for label, frame in frames.items():
+        if frame.empty:
+            continue
+        f = frame[(frame.control == "none") & (frame.layer == layer)]
+        row = {"units": label, "datasets": f.dataset.nunique()}
+        for name, part in (("dense", f[f.method == "dense"]),
+                           *((f"k={k}", f[(f.method == "mean_diff") & (f.k == k)]) for k in SAEBENCH_KS)):
+            per_dataset = part.groupby("dataset").accuracy.max()
+            row[name] = with_interval(*mean_interval(per_dataset), digits=3) if len(per_dataset) else "not run"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def saebench_plot(frames: dict[str, pd.DataFrame], layer: int) -> str | None:
+    """Mean test accuracy over the datasets against k (mean-difference selection), one line per unit basis, as
+    a PNG data URI (None without rows)."""
+    from monoscope.report.plots import line_png
+
+    series = {}
+    for label, frame in frames.items():
+        if frame.empty:
+            continue
+        f = frame[(frame.control == "none") & (frame.layer == layer) & (frame.method == "mean_diff")]
+        by_k = f.groupby(["k", "dataset"]).accuracy.max().groupby("k").mean()
+        if len(by_k):
+            series[label] = (by_k.index.tolist(), by_k.tolist())
+    if not series:
+        return None
+    return line_png(series, None, title=f"Sparse probing at layer {layer} (mean over datasets)", xlabel="k",
+                    ylabel="test accuracy", log_x=True)
+
+
 def _explanations(path: str | None) -> pd.DataFrame:
     from monoscope.interpret.autointerp import read_results
 
@@ -161,9 +203,16 @@ def _probing_sections(probe: dict, plan: dict) -> list[dict]:
                _img(Path(probe.get("osp", probe["neurons"])) / "osp_vs_heuristics.png", "OSP vs heuristics"),
                _p("Mean test F1 by method and k", "h3"), _table(heur),
                _p("OSP solves", "h3"), _table(osp[osp_cols] if osp_cols else osp)]
+    frames = {"MLP neurons": neurons, "residual dims": _read(Path(probe["resid"]) / "results.csv"),
+              "SAE latents": _read(Path(probe["sae"]) / "results.csv")}
+    plot = saebench_plot(frames, plan["layer"])
     latents = [_p("The same datasets probed on the layer's MLP neurons, its residual-stream dimensions and the SAE's "
                   "latents (best method). A feature that one SAE latent captures better than any single neuron is a "
-                  "sign the SAE found a monosemantic direction the neuron basis lacks."), _table(versus)]
+                  "sign the SAE found a monosemantic direction the neuron basis lacks."), _table(versus),
+               _p("SAEBench's protocol: test accuracy of a logistic probe on the k units of largest class mean "
+                  "difference, mean over the datasets [95 % interval over them]; 'not run': k is not in probe_ks.",
+                  "h3"), _table(saebench_probing(frames, plan["layer"])),
+               *([{"kind": "img", "alt": "SAEBench sparse probing", "src": plot}] if plot else [])]
     return [{"title": "Where features have dedicated neurons", "blocks": dedicated},
             {"title": "Optimal sparse probing vs heuristics", "blocks": optimal},
             {"title": f"SAE latents vs neurons at layer {plan['layer']}", "blocks": latents}]

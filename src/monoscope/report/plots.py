@@ -167,6 +167,10 @@ def line_png(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: s
         ax.plot(list(xs), list(ys), marker="o" if markers else None, ms=3, label=str(label))
     if log_x:
         ax.set_xscale("log")
+        ticks = sorted({float(x) for xs, _ in series.values() for x in xs if float(x) > 0})
+        if 0 < len(ticks) <= 12:  # the measured points as plain numbers, not powers of ten
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
     if log_y:
         ax.set_yscale("log")
     if len(series) > 1:
