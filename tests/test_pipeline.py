@@ -72,6 +72,9 @@ def test_steering_demo_measures_a_concept_feature(tiny_run):
     assert 0.0 <= eff["keyword_p_value"] <= 1.0 and steering["screen"]["activation"] >= 0.0
     base = steering["baseline"]  # the difference-of-means direction, same prompts, seeds and sample count
     assert base["steered"]["keyword_rate"]["n"] == eff["steered"]["keyword_rate"]["n"] and base["norm"] > 0
+    for arm in (eff["default"], eff["steered"], base["steered"]):  # the concept probe judges every arm's text
+        assert 0.0 <= arm["concept_probe"]["mean"] <= 1.0
+    assert "probe_difference" in eff and "probe_difference" in base and base["concept_probe"]["n_positive"] > 0
     assert -1.0 <= base["cosine_with_feature"] <= 1.0 and base["n_positive"] >= 1 and base["n_negative"] >= 1
     assert "difference of means" in (tiny_run / "report.html").read_text()
     found = concept_candidates(str(tiny_run / "stats" / "features"), common={"the"})

@@ -174,7 +174,7 @@ def test_screen_row_matches_steer(lm, sae):
     assert rows[1]["keyword_rate"] == (1.0 if key else 0.0)
     with steer(lm, sae, [Intervention(2, 400.0, "clamp")]):
         new = _sample(lm, _prompt_ids(lm, "hello"), 1, 5, 0.0, 0)
-    act = _features_on_generated(lm, sae, _prompt_ids(lm, "hello"), new, [2])[0]
+    act = _features_on_generated(lm, sae, _prompt_ids(lm, "hello"), new, [2])[0][0]
     assert rows[1]["activation"] == pytest.approx(float(act), rel=1e-4, abs=1e-4)  # re-encoded without steering
 
 
@@ -220,3 +220,19 @@ def test_add_vector_shifts_every_position_but_bos(lm):
         shifted = acts_after(lm)
     torch.testing.assert_close(shifted[1:], plain[1:] + vec)
     torch.testing.assert_close(shifted[0], plain[0])
+
+
+def test_concept_probe_separates_its_examples():
+    """The concept probe scores activations like its positives high and like its negatives low, and reports
+    a cross-validated accuracy (none with too few positives for two folds)."""
+    from monoscope.interpret.steering_demo import concept_probe
+
+    g = torch.Generator().manual_seed(0)
+    direction = torch.zeros(12)
+    direction[3] = 4.0
+    pos, neg = torch.randn(20, 12, generator=g) + direction, torch.randn(300, 12, generator=g)
+    score, info = concept_probe(pos, neg)
+    assert info["cv_balanced_accuracy"] > 0.9 and info["n_positive"] == 20 and info["n_negative"] == 300
+    fresh_pos, fresh_neg = torch.randn(50, 12, generator=g) + direction, torch.randn(50, 12, generator=g)
+    assert score(fresh_pos).mean() > 0.8 and score(fresh_neg).mean() < 0.2
+    assert concept_probe(pos[:3], neg)[1]["cv_balanced_accuracy"] is None

@@ -206,17 +206,23 @@ def generate_side_by_side(lm, sae, prompt: str, interventions: Sequence[Interven
 # ---------------------------------------------------------------------------------------------- measurement
 
 @torch.no_grad()
-def _features_on_generated(lm, sae, ids: torch.Tensor, new: torch.Tensor, features: Sequence[int]) -> np.ndarray:
+def _features_on_generated(lm, sae, ids: torch.Tensor, new: torch.Tensor, features: Sequence[int],
+                           probe: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """Mean activation over the generated tokens of row r's feature ``features[r]``, re-encoded without
-    steering (the forward pass stops at the SAE's hook)."""
+    steering (the forward pass stops at the SAE's hook); with ``probe`` (hook activations [n, d] -> scores
+    [n]), also each row's mean probe score over its generated tokens: (activations, scores or None)."""
     from monoscope.hookpoints import run_with_capture
 
     full = torch.cat([ids.repeat(new.shape[0], 1), new.to(ids.device)], 1)
     acts = run_with_capture(lm.model, [sae.cfg.hook_name], full)[sae.cfg.hook_name]
     gen = acts[:, ids.shape[1]:]
-    f = sae.encode(gen.reshape(-1, gen.shape[-1]).to(next(sae.parameters()).dtype)).reshape(*new.shape, -1)
+    flat = gen.reshape(-1, gen.shape[-1])
+    f = sae.encode(flat.to(next(sae.parameters()).dtype)).reshape(*new.shape, -1)
     idx = torch.as_tensor(list(features), device=f.device)
-    return f.gather(-1, idx[:, None, None].expand(-1, new.shape[1], 1))[..., 0].mean(1).float().cpu().numpy()
+    feature = f.gather(-1, idx[:, None, None].expand(-1, new.shape[1], 1))[..., 0].mean(1).float().cpu().numpy()
+    if probe is None:
+        return feature, None
+    return feature, probe(flat.float()).reshape(new.shape).mean(1).float().cpu().numpy()
 
 
 _WORD = re.compile(r"[^\W\d_]+")
@@ -249,7 +255,8 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
                     n_samples: int = 20, max_new_tokens: int = 40, temperature: float = 0.7, seed: int = 0,
                     keywords: Sequence[str] | None = None, n_boot: int = 1000,
                     steered: Callable[[], ContextManager] | None = None,
-                    others: dict[str, Callable[[], ContextManager]] | None = None) -> dict:
+                    others: dict[str, Callable[[], ContextManager]] | None = None,
+                    probe: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Does steering feature ``feature`` make the generations express it?
 
     For each prompt, ``n_samples`` default and steered continuations are drawn (same seeds). Each
@@ -262,6 +269,9 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
     baseline direction); the feature's activation on the text still measures the concept.
     ``others``: more steered arms by name (same prompts and seeds), each compared with the one default arm:
     ``result[name]`` holds its summary plus its own ``difference`` and ``keyword_p_value``.
+    ``probe``: a concept probe on the hook's activations ([n, d] -> scores in [0, 1]), a second judge of the
+    text beside the feature: each arm gets ``concept_probe`` (mean score over the generated tokens) and each
+    comparison ``probe_difference``.
     """
     if n_samples < 2:
         raise MonoscopeError(f"n_samples must be at least 2 for a standard error (20 or more is advised), got {n_samples}")
@@ -270,13 +280,15 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
     _check_gen(max_new_tokens, n_samples, temperature)
     ivs = _check(lm, sae, [Intervention(feature, value, mode)])
     makers = {"default": contextlib.nullcontext, "steered": steered or (lambda: steer(lm, sae, ivs)), **(others or {})}
-    arms: dict[str, dict[str, list]] = {arm: {"act": [], "text": [], "distinct": []} for arm in makers}
+    arms: dict[str, dict[str, list]] = {arm: {"act": [], "probe": [], "text": [], "distinct": []} for arm in makers}
     for p_i, prompt in enumerate(prompts):
         ids = _prompt_ids(lm, prompt)
         for arm, make in makers.items():
             with make():
                 new = _sample(lm, ids, n_samples, max_new_tokens, temperature, seed + p_i)
-            arms[arm]["act"].append(_features_on_generated(lm, sae, ids, new, [ivs[0].feature] * len(new)))
+            act, scores = _features_on_generated(lm, sae, ids, new, [ivs[0].feature] * len(new), probe)
+            arms[arm]["act"].append(act)
+            arms[arm]["probe"] += [] if scores is None else [scores]
             arms[arm]["text"] += _decode(lm, new)
             arms[arm]["distinct"].append(distinct_share(new))
     result: dict = {"feature": ivs[0].feature, "value": ivs[0].value, "mode": ivs[0].mode,
@@ -288,24 +300,29 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
     for arm in [a for a in arms if a != "default"]:
         into = result if arm == "steered" else result[arm]
         into["difference"] = _difference(result["default"]["_acts"], result[arm]["_acts"], n_boot, seed)
+        if probe is not None:
+            into["probe_difference"] = _difference(result["default"]["_probe"], result[arm]["_probe"], n_boot, seed)
         if keywords:
             into["keyword_p_value"] = keyword_p_value(result["default"]["keyword_rate"], result[arm]["keyword_rate"])
     for arm in arms:
-        del result[arm]["_acts"]
+        del result[arm]["_acts"], result[arm]["_probe"]
     return result
 
 
 def _arm_summary(raw: dict[str, list], keywords: Sequence[str] | None) -> dict:
-    """One arm's means with standard errors, keyword rate, first examples and texts (``_acts``: the raw
-    activations, for the comparison)."""
+    """One arm's means with standard errors, keyword rate, concept-probe score, first examples and texts
+    (``_acts``, ``_probe``: the raw values, for the comparison)."""
     acts = np.concatenate(raw["act"])
     out = {"mean_activation": _summary(acts), "distinct_tokens": _summary(np.concatenate(raw["distinct"]))}
+    scores = np.concatenate(raw["probe"]) if raw["probe"] else None
+    if scores is not None:
+        out["concept_probe"] = _summary(scores)
     if keywords:
         hits = np.array([mentions(t, keywords) for t in raw["text"]], dtype=float)
         p = float(hits.mean())
         out["keyword_rate"] = {"mean": p, "se": math.sqrt(p * (1 - p) / len(hits)), "hits": int(hits.sum()),
                                "n": len(hits)}
-    return {**out, "examples": raw["text"][:3], "texts": raw["text"], "_acts": acts}
+    return {**out, "examples": raw["text"][:3], "texts": raw["text"], "_acts": acts, "_probe": scores}
 
 
 def _difference(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> dict:
@@ -362,7 +379,7 @@ def screen_features(lm, sae, features: Sequence[int], values: Sequence[float], k
             ids = _prompt_ids(lm, prompt)
             with edit(lm.model, sae.cfg.hook_name, fn):
                 new = _sample(lm, ids, len(feats), max_new_tokens, temperature, seed + p_i)
-            acts = _features_on_generated(lm, sae, ids, new, feats)
+            acts, _ = _features_on_generated(lm, sae, ids, new, feats)
             for f, kws, text, dist, act in zip(feats, keywords[start:start + batch], _decode(lm, new),
                                                distinct_share(new), acts):
                 out[f]["hits"] += int(mentions(text, kws))

@@ -16,7 +16,8 @@ then measure that on fresh seeds.
    Choosing on the screen and measuring on fresh samples keeps the reported effect free of the selection.
 5. ``baseline_vector`` steers the same concept by its difference-of-means direction at matched norm, a third
    arm of the same measurement (same prompts, seeds and unsteered arm): SAE steering is worth reporting only
-   beside it.
+   beside it. A concept probe (``concept_probe``, trained on the same examples) scores every arm's text as a
+   second judge beside the feature's own activation.
 """
 from __future__ import annotations
 
@@ -239,17 +240,25 @@ def measure_feature(lm, sae, candidate: dict, cfg: DemoConfig, explanation: str 
                     stats_folder: str | Path | None = None) -> SteeringDemo:
     """Measure one candidate (a ``concept_candidates`` entry) on the demo's fresh seeds, in full precision;
     with ``stats_folder``, also the difference-of-means baseline for the same concept (``baseline_vector``),
-    as a third arm of the same measurement: both are compared with one unsteered arm."""
+    as a third arm of the same measurement (all arms compared with one unsteered arm), and every arm's text
+    judged by a concept probe (``concept_probe``) beside the feature's own activation."""
     feature, value = candidate["feature"], steering_value(candidate["max"])
-    vector, baseline = baseline_vector(lm, sae, stats_folder, candidate, cfg) if stats_folder is not None else (None, {})
-    others = {"baseline": lambda: add_vector(lm, sae.cfg.hook_name, vector)} if vector is not None else {}
+    pos_neg = concept_activations(lm, sae, stats_folder, candidate, cfg) if stats_folder is not None else None
+    others, probe, baseline = {}, None, {}
+    if isinstance(pos_neg, str):
+        baseline = {"failure": pos_neg}
+    elif pos_neg is not None:
+        vector, baseline = baseline_vector(sae, candidate, *pos_neg)
+        others = {"baseline": lambda: add_vector(lm, sae.cfg.hook_name, vector)}
+        probe, baseline["concept_probe"] = concept_probe(*pos_neg, seed=cfg.seed)
     effect = steering_effect(lm, sae, feature, value, list(PROMPTS), n_samples=cfg.per_prompt,
-                             max_new_tokens=cfg.tokens, seed=cfg.seed, keywords=candidate["keywords"], others=others)
+                             max_new_tokens=cfg.tokens, seed=cfg.seed, keywords=candidate["keywords"],
+                             others=others, probe=probe)
     if others:
         arm = effect.pop("baseline")
         arm.pop("texts")
-        baseline.update({"difference": arm.pop("difference"), "keyword_p_value": arm.pop("keyword_p_value", None),
-                         "steered": arm})
+        baseline.update({k: arm.pop(k, None) for k in ("difference", "probe_difference", "keyword_p_value")},
+                        steered=arm)
     texts = {arm: effect[arm].pop("texts") for arm in ("default", "steered")}
     pairs = generate_side_by_side(lm, sae, PROMPTS[0], [Intervention(feature, value, "clamp")],
                                   max_new_tokens=cfg.tokens, n_samples=3, seed=cfg.seed)
@@ -261,32 +270,64 @@ def measure_feature(lm, sae, candidate: dict, cfg: DemoConfig, explanation: str 
                         density=candidate.get("density", 0.0), explanation=explanation, examples=pairs)
 
 
-def baseline_vector(lm, sae, stats_folder: str | Path, candidate: dict,
-                    cfg: DemoConfig) -> tuple[torch.Tensor | None, dict]:
-    """The same concept's difference-of-means direction (AxBench's baseline) and its description, or (None,
-    {"failure": ...}): the mean activation at the SAE's hook at the token where each top example fires (its
-    text up to that token run through the model: the last position's activation is the one the feature saw)
-    minus the mean over every token of non-activating windows, scaled to the norm the clamp adds at most
-    (value × ‖d_i‖); ``add_vector`` adds it at every position."""
+def concept_activations(lm, sae, stats_folder: str | Path, candidate: dict,
+                        cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The concept's examples at the SAE's hook, or why there are none: (the activation at the token where each
+    top example fires — its text up to that token run through the model, the last position being the one the
+    feature saw —, every token of non-activating windows)."""
     from monoscope.hookpoints import text_activations
     from monoscope.interpret.feature_stats import FeatureStats
 
-    feature, value, hook = candidate["feature"], steering_value(candidate["max"]), sae.cfg.hook_name
-    fx = FeatureStats(stats_folder).examples(feature, n_negatives=24, seed=cfg.seed)
+    hook = sae.cfg.hook_name
+    fx = FeatureStats(stats_folder).examples(candidate["feature"], n_negatives=24, seed=cfg.seed)
     bos = lm.tokenizer.bos_token or "\0"
     upto = ["".join(e.tokens[:max(range(len(e.acts)), key=e.acts.__getitem__) + 1]) for e in fx.top if e.acts]
     positives = [t.removeprefix(bos) for t in upto if t.removeprefix(bos)]  # the tokenizer adds BOS itself
     negatives = [e.text.removeprefix(bos) for e in fx.negatives]
     if not positives or not negatives:
-        return None, {"failure": "no top examples or no non-activating windows to take the means of"}
-    at_firing = torch.stack([text_activations(lm, hook, [text])[-1] for text in positives])
-    diff = at_firing.mean(0) - text_activations(lm, hook, negatives).mean(0)
-    d_i = directions(sae, [feature])[0].float().to(diff.device)
-    norm = abs(value) * float(d_i.norm())
+        return "no top examples or no non-activating windows to take the means of"
+    return (torch.stack([text_activations(lm, hook, [text])[-1] for text in positives]),
+            text_activations(lm, hook, negatives))
+
+
+def baseline_vector(sae, candidate: dict, positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The concept's difference-of-means direction (AxBench's baseline), positive minus negative mean, scaled to
+    the norm the clamp adds at most (value × ‖d_i‖), and its description; ``add_vector`` adds it everywhere."""
+    diff = positive.mean(0) - negative.mean(0)
+    d_i = directions(sae, [candidate["feature"]])[0].float().to(diff.device)
+    norm = abs(steering_value(candidate["max"])) * float(d_i.norm())
     return diff / diff.norm().clamp_min(1e-12) * norm, {
         "direction": "difference of means (top examples' firing tokens minus non-activating windows), norm matched",
-        "n_positive": len(positives), "n_negative": len(negatives), "norm": norm,
+        "n_positive": len(positive), "n_negative": len(negative), "norm": norm,
         "cosine_with_feature": float(torch.nn.functional.cosine_similarity(diff, d_i, dim=0))}
+
+
+def concept_probe(positive: torch.Tensor, negative: torch.Tensor, seed: int = 0):
+    """A logistic probe for the concept on the hook's activations (standardised, classes balanced): a judge of
+    generated text that is not the SAE feature itself. Returns (activations [n, d] -> probabilities [n], its
+    description with the 5-fold cross-validated balanced accuracy, or None with under 2 positives per fold)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = torch.cat([positive, negative]).float().cpu().numpy()
+    y = [1] * len(positive) + [0] * len(negative)
+    model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000))
+    folds = min(5, len(positive) // 2)
+    cv = (float(cross_val_score(model, x, y, scoring="balanced_accuracy",
+                                cv=StratifiedKFold(folds, shuffle=True, random_state=seed)).mean())
+          if folds >= 2 else None)
+    model.fit(x, y)
+    scaler, logreg = model[0], model[1]
+    mean, scale = (torch.as_tensor(v, dtype=torch.float32) for v in (scaler.mean_, scaler.scale_))
+    w, b = torch.as_tensor(logreg.coef_[0], dtype=torch.float32), float(logreg.intercept_[0])
+
+    def score(acts: torch.Tensor) -> torch.Tensor:
+        z = (acts.float().cpu() - mean) / scale
+        return torch.sigmoid(z @ w + b)
+    return score, {"kind": "logistic regression on the hook's activations, firing tokens vs non-activating tokens",
+                   "n_positive": len(positive), "n_negative": len(negative), "cv_balanced_accuracy": cv}
 
 
 def candidate_of(lm, stats_folder: str | Path, feature: int, cfg: DemoConfig) -> dict:

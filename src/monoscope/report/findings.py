@@ -293,13 +293,29 @@ def _steer_baseline(steering: dict) -> list[dict]:
         kw = arm.get("keyword_rate") or {}
         rows.append({"steered by": label, "keyword rate": kw.get("mean"), "hits / n": f"{kw.get('hits')}/{kw.get('n')}",
                      "keyword p (vs unsteered)": p, "feature activation": (arm.get("mean_activation") or {}).get("mean"),
+                     "concept probe": _mean_se(arm.get("concept_probe")),
                      "distinct-token share": (arm.get("distinct_tokens") or {}).get("mean")})
     return [_p("Against the baseline", "h3"),
             _p(f"The difference-of-means direction of the same concept (the activation at the firing token of "
                f"{base['n_positive']} top examples minus {base['n_negative']} non-activating windows; cosine "
                f"{number(base.get('cosine_with_feature'), 2)} "
-               f"with the feature's decoder direction), added at the clamp's norm on the same prompts and seeds."),
+               f"with the feature's decoder direction), added at the clamp's norm on the same prompts and seeds."
+               + _probe_note(base.get("concept_probe") or {})),
             _table(pd.DataFrame(rows))]
+
+
+def _mean_se(summary: dict | None) -> str:
+    return "—" if not summary else f"{summary['mean']:.3f} ± {summary['se']:.3f}"
+
+
+def _probe_note(probe: dict) -> str:
+    if not probe:
+        return ""
+    cv = probe.get("cv_balanced_accuracy")
+    return (f" The concept probe (a logistic regression on the hook's activations, the same {probe['n_positive']} "
+            f"firing tokens vs {probe['n_negative']} non-activating tokens; cross-validated balanced accuracy "
+            f"{'—' if cv is None else f'{cv:.2f}'}) scores each arm's text: its mean probability over the generated "
+            f"tokens ± standard error.")
 
 
 def _settings_section(cfg, ext: dict, probe: dict, timings: dict, versions: dict) -> dict:
