@@ -192,6 +192,8 @@ def test_seeds_and_a_larger_size_give_intervals_and_splitting(tmp_path):
     findings = (out / "findings.md").read_text()
     assert "| e | Features of the main SAE split into families in the 256-latent SAE" in findings
     assert "| topk k 8, d_sae 128 | 2 |" in findings  # the main SAE over its two seeds, with intervals
+    assert re.search(r"\| extract \| \d+ \| [\d,]+ activations extracted \| [\d,.]+ \|", findings)
+    assert re.search(r"\| steer \| \d+ \| [\d,]+ candidate features screened \|", findings)
     assert re.search(r"\| 2 \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", findings)
     assert "Claims, baselines and verdicts" in (out / "report.html").read_text()
     tested = split["families"][0]

@@ -266,10 +266,28 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def findings_markdown(claims: list[Claim], headline: pd.DataFrame, *, title: str, command: str,
-                      timings: dict[str, float], note: str) -> str:
-    """findings.md: the command that produced it, the claims with their verdicts, the main SAE, the timings."""
+                      times: pd.DataFrame, note: str) -> str:
+    """findings.md: the command that produced it, the claims with their verdicts, the main SAE, the stages'
+    wall times and throughput (``stage_times``)."""
     table = claims_table(claims).assign(verdict=lambda f: "**" + f.verdict + "**")
-    times = pd.DataFrame([{"stage": k, "seconds": f"{v:.0f}"} for k, v in timings.items()])
     return (f"# {title}\n\nProduced by `{command}`. {note}\n\n## Claims, baselines and verdicts\n\n"
             f"{markdown_table(table)}\n## Main SAE (mean [95 % interval] over seeds)\n\n{markdown_table(headline)}\n"
-            f"## Stage wall times\n\n{markdown_table(times)}")
+            f"## Stage wall times and throughput\n\n{markdown_table(times)}")
+
+
+def stage_times(timings: dict[str, float], ext: dict, saes: dict, probe: dict, cfg, steering: dict) -> pd.DataFrame:
+    """Each stage's wall time in run order, with what it processed and that per second where it is a count
+    (a stage served from its cache shows the seconds of the run that made it)."""
+    work = {"extract": (ext.get("train_rows", 0) + ext.get("validation_rows", 0), "activations extracted"),
+            "saes": (sum(r.get("train_tokens", 0) for r in saes.get("table", [])), "activations trained on, all SAEs"),
+            "probe": (probe.get("rows"), "probe fits (all sweeps)"),
+            "explain": (cfg.explain_features + cfg.explain_neurons, "units explained and scored"),
+            "steer": ((steering.get("screen") or {}).get("candidates"), "candidate features screened")}
+    rows = []
+    for stage, seconds in timings.items():
+        n, what = work.get(stage, (None, ""))
+        rows.append({"stage": stage, "seconds": f"{seconds:.0f}", "processed": f"{n:,} {what}" if n else "",
+                     "per second": f"{n / seconds:,.1f}" if n and seconds > 0 else ""})
+    total = sum(timings.values())
+    rows.append({"stage": "all", "seconds": f"{total:.0f}", "processed": "", "per second": ""})
+    return pd.DataFrame(rows)

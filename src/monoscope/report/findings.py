@@ -159,7 +159,7 @@ def write_report(out: Path, *, cfg, plan, lm, ext, saes, probe, stats, explained
                  split: dict | None = None, command: str = "monoscope run") -> Path:
     """Build report.html, findings.md (the claims' table) and the feature browsers from the stage results."""
     from monoscope.report.browser import template_environment, build_browser
-    from monoscope.report.claims import all_claims, findings_markdown, sae_headline
+    from monoscope.report.claims import all_claims, findings_markdown, sae_headline, stage_times
 
     out = Path(out)
     sizes = (split or {}).get("sizes") or []
@@ -170,12 +170,13 @@ def write_report(out: Path, *, cfg, plan, lm, ext, saes, probe, stats, explained
                   explanations=explained.get("neurons"))
     claims = all_claims(cfg, plan, saes, probe, split, steering, explained)
     headline = sae_headline(saes["table"])
+    times = stage_times(timings, ext, saes, probe, cfg, steering)
     sections = [_claims_section(cfg, claims, command), *_probing_sections(probe, plan), _sae_section(saes, headline),
-                _explain_section(cfg, explained), _steer_section(steering), _settings_section(cfg, ext, probe, timings,
-                                                                                              versions)]
+                _explain_section(cfg, explained), _steer_section(steering),
+                _settings_section(cfg, ext, probe, times, versions)]
     with atomic_path(out / FINDINGS) as tmp:
         tmp.write_text(findings_markdown(claims, headline, title=f"monoscope findings: {lm.name} ({cfg.profile} "
-                                         f"profile)", command=command, timings=timings, note=_size_warning(cfg)))
+                                         f"profile)", command=command, times=times, note=_size_warning(cfg)))
     page = template_environment().get_template("report.html").render(
         title=f"monoscope findings: {lm.name}", model=lm.name, hook=plan["sae_hook"], sections=sections)
     path = out / REPORT
@@ -318,7 +319,7 @@ def _probe_note(probe: dict) -> str:
             f"tokens ± standard error.")
 
 
-def _settings_section(cfg, ext: dict, probe: dict, timings: dict, versions: dict) -> dict:
+def _settings_section(cfg, ext: dict, probe: dict, times: pd.DataFrame, versions: dict) -> dict:
     from monoscope.config import to_dict
 
     sizes = pd.DataFrame([{"what": "SAE training rows", "n": ext["train_rows"]},
@@ -330,7 +331,7 @@ def _settings_section(cfg, ext: dict, probe: dict, timings: dict, versions: dict
                          f"fitted on {cfg.probe_examples} examples per dataset. Differences of a few hundredths in "
                          "F1 or loss are within noise; treat the numbers as a smoke test of the method, not as "
                          "measurements of the model. Scale up with --tokens and a GPU.", "warn"))
-    blocks += [_table(sizes), _table(pd.DataFrame(sorted(timings.items()), columns=["stage", "seconds"]), 1),
+    blocks += [_table(sizes), _table(times),
                _table(pd.DataFrame(sorted(to_dict(cfg).items()), columns=["setting", "value"])),
                _table(pd.DataFrame(sorted(versions.items()), columns=["library", "version"]))]
     return {"title": "Run settings, sizes, timings and versions", "blocks": blocks}
