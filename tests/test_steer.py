@@ -141,6 +141,22 @@ def test_draw_samples_the_softmax():
     assert (sharp == 3).float().mean() > 0.85
 
 
+def test_draw_two_levels_match_the_softmax_across_blocks():
+    """Blocks of 4 over a 10-token vocabulary (the last block padded): every token at its probability, the
+    zero-probability tokens (a block's last one, a whole block, the vocabulary's last) never; the input is
+    consumed, and a sharp distribution still gives its mode."""
+    probs = torch.tensor([0.05, 0.1, 0.15, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.4])
+    probs[4:8] = 0.0
+    logits = torch.log(probs).expand(40_000, 10).clone()
+    drawn = _draw(logits, 1.0, torch.Generator().manual_seed(2), block=4)[:, 0]
+    freq = torch.bincount(drawn, minlength=10).float() / len(drawn)
+    assert torch.all(freq[probs == 0] == 0) and torch.allclose(freq, probs, atol=0.01)
+    assert (logits >= 0).all() and torch.all(logits.amax(1) == 1.0)  # consumed: now the weights exp(l - max)
+    peaked = torch.full((3, 1000), -30.0)
+    peaked[:, 777] = 0.0
+    assert _draw(peaked, 0.7, torch.Generator().manual_seed(0), block=64)[:, 0].tolist() == [777] * 3
+
+
 def test_keywords_match_whole_words():
     assert words("The Korean-born DJ's 2 cars!") == ["the", "korean", "born", "dj", "s", "cars"]
     assert mentions("Talks with North Korean officials", ["korea"])  # 5+ letters: inflections count

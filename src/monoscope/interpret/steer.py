@@ -160,12 +160,27 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _draw(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
+def _draw(logits: torch.Tensor, temperature: float, gen: torch.Generator, block: int = 512) -> torch.Tensor:
     """One token per row [n, 1] from softmax(logits / temperature): the first index whose cumulative
-    probability exceeds a uniform draw (a zero-probability token is never chosen)."""
-    cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+    probability exceeds a uniform draw (a zero-probability token is never chosen). ``logits`` is overwritten.
+
+    Exact, in two levels, because a running sum over a 262k-token vocabulary is slow: unnormalised weights
+    (computed in place: a fresh [n, vocab] buffer per step costs more than the arithmetic), their sums per
+    block of ``block`` tokens, the block the draw falls in, then the token inside that block.
+    """
+    w = logits if logits.is_contiguous() else logits.contiguous()
+    w.sub_(w.amax(-1, keepdim=True)).mul_(1.0 / temperature).exp_()
+    n, vocab = w.shape
+    pad = (-vocab) % block
+    blocks = (torch.nn.functional.pad(w, (0, pad)) if pad else w).view(n, -1, block)
+    mass = blocks.sum(-1)  # [n, vocab / block]
+    cdf = mass.cumsum(-1)
+    u = torch.rand(n, 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
+    b = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # a block of positive mass
+    inner = blocks[torch.arange(n), b[:, 0]].cumsum(-1)  # [n, block]
+    rest = (u - cdf.gather(-1, b) + mass.gather(-1, b)).clamp_(min=0)
+    rest = torch.minimum(rest, inner[:, -1:] * (1 - 1e-6))  # rounding must not step past the block's last token
+    return (b * block + torch.searchsorted(inner, rest, right=True)).clamp_(max=vocab - 1)
 
 
 def _decode(lm, new: torch.Tensor) -> list[str]:

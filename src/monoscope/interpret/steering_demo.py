@@ -30,8 +30,8 @@ import torch
 
 from monoscope.artifacts import JsonResult, jsonable
 from monoscope.errors import MonoscopeError
-from monoscope.interpret.steer import (Intervention, add_vector, continuations, directions, generate_side_by_side,
-                                       mentions, screen_features, steering_effect, words)
+from monoscope.interpret.steer import (add_vector, continuations, directions, mentions, screen_features,
+                                       steering_effect, words)
 
 PROMPTS = ("I think that", "The most important thing is", "Here is a short story:")
 KEYWORD_MAX_SHARE = 0.2  # a keyword found in more unsteered continuations than this cannot show an increase
@@ -260,8 +260,8 @@ def measure_feature(lm, sae, candidate: dict, cfg: DemoConfig, explanation: str 
         baseline.update({k: arm.pop(k, None) for k in ("difference", "probe_difference", "keyword_p_value")},
                         steered=arm)
     texts = {arm: effect[arm].pop("texts") for arm in ("default", "steered")}
-    pairs = generate_side_by_side(lm, sae, PROMPTS[0], [Intervention(feature, value, "clamp")],
-                                  max_new_tokens=cfg.tokens, n_samples=3, seed=cfg.seed)
+    # the first three samples of each arm: row by row the same prompt and seed, so they pair up
+    pairs = [{"default": d, "steered": s} for d, s in zip(texts["default"][:3], texts["steered"][:3])]
     return SteeringDemo(feature=feature, value=value, keywords=candidate["keywords"],
                         effect=json.loads(json.dumps(effect, default=jsonable)), texts=texts,
                         baseline=json.loads(json.dumps(baseline, default=jsonable)),
