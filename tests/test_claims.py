@@ -136,8 +136,8 @@ def test_saebench_table_averages_accuracy_over_datasets():
 
     table = saebench_probing({"neurons": frame([0.7, 0.8, 0.9], [1.0, 1.0, 1.0]), "none": pd.DataFrame()}, 6)
     assert len(table) == 1 and table.loc[0, "datasets"] == 3
-    # mean 0.8, sd 0.1, t(0.975, 2) = 4.303: half-width 0.248
-    assert table.loc[0, "k=1"] == "0.800 [0.552, 1.048]" and table.loc[0, "dense"] == "1.000 [1.000, 1.000]"
+    # mean 0.8, sd 0.1, t(0.975, 2) = 4.303: half-width 0.248, the upper end clipped at 1
+    assert table.loc[0, "k=1"] == "0.800 [0.552, 1.000]" and table.loc[0, "dense"] == "1.000 [1.000, 1.000]"
     assert table.loc[0, "k=2"] == "not run" and table.loc[0, "k=5"] == "not run"
     assert saebench_plot({"neurons": frame([0.7, 0.8, 0.9], [1, 1, 1])}, 6).startswith("data:image/png;base64,")
     assert saebench_plot({"none": pd.DataFrame()}, 6) is None

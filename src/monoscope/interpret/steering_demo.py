@@ -297,7 +297,8 @@ def baseline_vector(sae, candidate: dict, positive: torch.Tensor, negative: torc
     d_i = directions(sae, [candidate["feature"]])[0].float().to(diff.device)
     norm = abs(steering_value(candidate["max"])) * float(d_i.norm())
     return diff / diff.norm().clamp_min(1e-12) * norm, {
-        "direction": "difference of means (top examples' firing tokens minus non-activating windows), norm matched",
+        "direction": "difference of means (top examples' firing tokens minus the tokens of non-activating windows), "
+                     "norm matched",
         "n_positive": len(positive), "n_negative": len(negative), "norm": norm,
         "cosine_with_feature": float(torch.nn.functional.cosine_similarity(diff, d_i, dim=0))}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from monoscope.intervals import mean_interval, wilson
-from monoscope.report.formatting import with_interval
+from monoscope.report.formatting import number, with_interval
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_MEASURED = "reproduced", "not reproduced", "inconclusive", "not measured"
 RESEARCH = {"probe_examples": 1000, "seeds": 3, "steer_samples": 40}  # the sizes the claims are made at
@@ -281,13 +281,14 @@ def stage_times(timings: dict[str, float], ext: dict, saes: dict, probe: dict, c
     work = {"extract": (ext.get("train_rows", 0) + ext.get("validation_rows", 0), "activations extracted"),
             "saes": (sum(r.get("train_tokens", 0) for r in saes.get("table", [])), "activations trained on, all SAEs"),
             "probe": (probe.get("rows"), "probe fits (all sweeps)"),
+            "stats": (2 * ext.get("train_rows", 0), "rows summarised (SAE latents and neurons)"),
             "explain": (cfg.explain_features + cfg.explain_neurons, "units explained and scored"),
             "steer": ((steering.get("screen") or {}).get("candidates"), "candidate features screened")}
     rows = []
     for stage, seconds in timings.items():
         n, what = work.get(stage, (None, ""))
         rows.append({"stage": stage, "seconds": f"{seconds:.0f}", "processed": f"{n:,} {what}" if n else "",
-                     "per second": f"{n / seconds:,.1f}" if n and seconds > 0 else ""})
+                     "per second": number(n / seconds) if n and seconds > 0 else ""})
     total = sum(timings.values())
-    rows.append({"stage": "all", "seconds": f"{total:.0f}", "processed": "", "per second": ""})
+    rows.append({"stage": "all stages above", "seconds": f"{total:.0f}", "processed": "", "per second": ""})
     return pd.DataFrame(rows)

@@ -101,7 +101,7 @@ def saebench_probing(frames: dict[str, pd.DataFrame], layer: int) -> pd.DataFram
     """SAEBench's sparse-probing protocol (Karvonen et al. 2025) at the SAE layer: the k units of largest class
     mean difference, a logistic probe on them, test accuracy for k = 1, 2, 5, beside the dense probe on every
     unit; one row per unit basis (``frames``: label -> probe results), each cell the mean over the datasets
-    with its 95 % t interval over them (the datasets, not the examples, are the sample)."""
+    with its 95 % t interval over them (the datasets, not the examples, are the sample), clipped to [0, 1]."""
     rows = []
     for label, frame in frames.items():
         if frame.empty:
@@ -111,7 +111,8 @@ def saebench_probing(frames: dict[str, pd.DataFrame], layer: int) -> pd.DataFram
         for name, part in (("dense", f[f.method == "dense"]),
                            *((f"k={k}", f[(f.method == "mean_diff") & (f.k == k)]) for k in SAEBENCH_KS)):
             per_dataset = part.groupby("dataset").accuracy.max()
-            row[name] = with_interval(*mean_interval(per_dataset), digits=3) if len(per_dataset) else "not run"
+            mean, low, high = mean_interval(per_dataset)
+            row[name] = with_interval(mean, max(low, 0.0), min(high, 1.0), digits=3) if len(per_dataset) else "not run"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -210,9 +211,10 @@ def _probing_sections(probe: dict, plan: dict) -> list[dict]:
     latents = [_p("The same datasets probed on the layer's MLP neurons, its residual-stream dimensions and the SAE's "
                   "latents (best method). A feature that one SAE latent captures better than any single neuron is a "
                   "sign the SAE found a monosemantic direction the neuron basis lacks."), _table(versus),
-               _p("SAEBench's protocol: test accuracy of a logistic probe on the k units of largest class mean "
-                  "difference, mean over the datasets [95 % interval over them]; 'not run': k is not in probe_ks.",
-                  "h3"), _table(saebench_probing(frames, plan["layer"])),
+               _p("SAEBench's sparse probing (k = 1, 2, 5)", "h3"),
+               _p("Test accuracy of a logistic probe on the k units of largest class mean difference, mean over the "
+                  "datasets [95 % t interval over them, clipped to [0, 1]]; 'not run': k is not in probe_ks."),
+               _table(saebench_probing(frames, plan["layer"])),
                *([{"kind": "img", "alt": "SAEBench sparse probing", "src": plot}] if plot else [])]
     return [{"title": "Where features have dedicated neurons", "blocks": dedicated},
             {"title": "Optimal sparse probing vs heuristics", "blocks": optimal},
@@ -298,7 +300,8 @@ def _steer_baseline(steering: dict) -> list[dict]:
                      "distinct-token share": (arm.get("distinct_tokens") or {}).get("mean")})
     return [_p("Against the baseline", "h3"),
             _p(f"The difference-of-means direction of the same concept (the activation at the firing token of "
-               f"{base['n_positive']} top examples minus {base['n_negative']} non-activating windows; cosine "
+               f"{base['n_positive']} top examples minus the mean over {base['n_negative']} tokens of non-activating "
+               f"windows; cosine "
                f"{number(base.get('cosine_with_feature'), 2)} "
                f"with the feature's decoder direction), added at the clamp's norm on the same prompts and seeds."
                + _probe_note(base.get("concept_probe") or {})),
