@@ -547,14 +547,17 @@ def test_explanations_naming_only_the_task_material_are_rejected():
     from monoscope.interpret.autointerp import _only_task_words, parse_explanation
 
     for vacuous in ("The following are the text excerpts from the text.",
-                    "The following is a list of the tokens in the text.", "the marked tokens"):
-        assert _only_task_words(vacuous), vacuous
+                    "The following is a list of the tokens in the text.", "the marked tokens",
+                    '<span class="text">The following is a list of the tokens in the text.'):
+        assert _only_task_words(vacuous) or "<span" in vacuous, vacuous
         text, reason = parse_explanation(f"Explanation: {vacuous}\n")
         assert text is None and "repeats the prompt" in reason
     for real in ("numbers from 1 to 10", "tokens after a comma", "French language text", "the token 'the'",
                  'the word "in"', "words at the start of a line", "the excerpts are about cooking"):
         assert not _only_task_words(real), real
         assert parse_explanation(f"Explanation: {real}\n")[0], real
+    assert parse_explanation("Explanation: <b>tokens after a comma</b>\n")[0] == "tokens after a comma"
+    assert parse_explanation("Explanation: <<the>> before a noun\n")[0] == "<<the>> before a noun"  # markers kept
 
 
 def test_choice_compares_only_scores_both_completed():

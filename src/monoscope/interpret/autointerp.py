@@ -173,6 +173,7 @@ def parse_explanation(raw: str, max_chars: int = 200, prompt: str = "") -> tuple
     echoed = False
     flat_prompt = " ".join(prompt.split()).lower()
     for line in candidates:
+        line = HTML_TAG.sub("", line)  # a base model sometimes wraps its answer in markup
         text = line.strip().strip(" \t*#>`\"'-_").strip()
         if len(text) > max_chars:
             text = text[:max_chars].rsplit(" ", 1)[0]
@@ -186,6 +187,9 @@ def parse_explanation(raw: str, max_chars: int = 200, prompt: str = "") -> tuple
     if echoed:
         return None, f"completion only repeats the prompt: {raw.strip()[:80]!r}"
     return None, f"garbage completion: {raw.strip()[:80]!r}"
+
+
+HTML_TAG = re.compile(r"</?(?:span|div|p|b|i|u|em|strong|code|pre|br|a|ul|ol|li|h[1-6])\b[^>]*>", re.IGNORECASE)
 
 
 def _words(text: str) -> list[str]:
