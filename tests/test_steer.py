@@ -124,6 +124,21 @@ def test_steering_effect_other_arms(lm, sae):
     assert res["none"]["texts"] == res["default"]["texts"] and res["none"]["difference"]["mean"] == 0.0
 
 
+def test_steering_effect_with_a_concept_probe_and_no_keywords(lm, sae):
+    """A probe scores every arm and every comparison gets its probe difference; without keywords there is no
+    keyword rate or p-value; no working keys are left in the result; an arm may not take a result key's name."""
+    probe = lambda acts: torch.sigmoid(acts[:, :1].sum(-1))  # noqa: E731  (any map [n, d] -> [n])
+    res = steering_effect(lm, sae, 1, 300.0, ["ab"], mode="add", n_samples=3, max_new_tokens=3, n_boot=20,
+                          probe=probe, others={"twice": lambda: steer(lm, sae, [Intervention(1, 600.0, "add")])})
+    for arm in ("default", "steered", "twice"):
+        assert 0.0 < res[arm]["concept_probe"]["mean"] < 1.0 and "keyword_rate" not in res[arm]
+        assert not {"_acts", "_probe"} & set(res[arm])
+    assert "probe_difference" in res and "probe_difference" in res["twice"]
+    assert "keyword_p_value" not in res and "keyword_p_value" not in res["twice"]
+    with pytest.raises(MonoscopeError, match="taken by the result"):
+        steering_effect(lm, sae, 1, 300.0, ["ab"], n_samples=2, max_new_tokens=2, others={"seed": contextlib.nullcontext})
+
+
 def test_keyword_p_value():
     assert keyword_p_value({"hits": 0, "n": 24}, {"hits": 10, "n": 24}) < 1e-3  # a clear rise
     assert keyword_p_value({"hits": 3, "n": 24}, {"hits": 3, "n": 24}) > 0.5  # no rise
@@ -145,8 +160,7 @@ def test_draw_two_levels_match_the_softmax_across_blocks():
     """Blocks of 4 over a 10-token vocabulary (the last block padded): every token at its probability, the
     zero-probability tokens (a block's last one, a whole block, the vocabulary's last) never; the input is
     consumed, and a sharp distribution still gives its mode."""
-    probs = torch.tensor([0.05, 0.1, 0.15, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.4])
-    probs[4:8] = 0.0
+    probs = torch.tensor([0.05, 0.1, 0.15, 0.0, 0.0, 0.0, 0.0, 0.0, 0.7, 0.0])
     logits = torch.log(probs).expand(40_000, 10).clone()
     drawn = _draw(logits, 1.0, torch.Generator().manual_seed(2), block=4)[:, 0]
     freq = torch.bincount(drawn, minlength=10).float() / len(drawn)

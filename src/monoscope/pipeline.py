@@ -35,7 +35,7 @@ PROFILES = ("default", "research")
 def profile_settings(name: str) -> dict[str, Any]:
     """The settings a profile changes from RunConfig's defaults ("default" changes none).
 
-    research: the serious run of issue "findings a researcher can trust", sized to finish in about 3 h on 2
+    research: the serious run of issue "findings a researcher can trust", sized to finish within 3 h on 2
     CPU cores: 1M training activations seen once, 4k and 16k SAEs, 3 seeds of the main one, 1,000 examples
     over every lang:* and code:* dataset, 20 scored excerpts per class, 40 generations per steering arm.
     """
@@ -57,8 +57,8 @@ class RunConfig(FileColumns):
     file among ``probe_datasets`` come from ``FileColumns``."""
 
     profile: str = field(default="default", metadata={
-        "choices": PROFILES, "help": "a preset of the settings below: default (about 15 min on a 2-core CPU) or "
-                                     "research (about 3 h there: 1M activations, 4k and 16k SAEs, 3 seeds, 1,000 "
+        "choices": PROFILES, "help": "a preset of the settings below: default (about 12 min on a 2-core CPU) or "
+                                     "research (about 2 h there: 1M activations, 4k and 16k SAEs, 3 seeds, 1,000 "
                                      "examples over every lang:* and code:* dataset); a setting given in the "
                                      "--config file or as a flag wins over the preset"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "model name or folder"})

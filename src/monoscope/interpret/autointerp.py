@@ -166,7 +166,7 @@ def parse_explanation(raw: str, max_chars: int = 200, prompt: str = "") -> tuple
     if not raw or not raw.strip():
         return None, "empty completion"
     candidates = []
-    for m in reversed(list(re.finditer(r"explanation\s*[:\-]", raw, flags=re.IGNORECASE))):
+    for m in reversed(list(EXPLANATION_LABEL.finditer(raw))):
         after = [ln for ln in raw[m.end():].splitlines() if ln.strip()]
         candidates += after[:1]
     candidates += [ln for ln in raw.splitlines() if ln.strip()]
@@ -174,13 +174,14 @@ def parse_explanation(raw: str, max_chars: int = 200, prompt: str = "") -> tuple
     flat_prompt = " ".join(prompt.split()).lower()
     for line in candidates:
         line = HTML_TAG.sub("", line)  # a base model sometimes wraps its answer in markup
+        line = LEADING_LABEL.sub("", line)  # a whole line "Explanation: ..." is its answer, unlabelled
         text = line.strip().strip(" \t*#>`\"'-_").strip()
         if len(text) > max_chars:
             text = text[:max_chars].rsplit(" ", 1)[0]
         if _is_garbage(text):
             continue
         flat = " ".join(text.split()).lower()
-        if (len(flat) >= 12 and flat[:60] in flat_prompt) or _paraphrases_task(text) or _only_task_words(line):
+        if (len(flat) >= 12 and flat[:60] in flat_prompt) or _paraphrases_task(text) or _only_task_words(text):
             echoed = True  # a base model often continues by quoting or rewording the task
             continue
         return text, None
@@ -189,7 +190,11 @@ def parse_explanation(raw: str, max_chars: int = 200, prompt: str = "") -> tuple
     return None, f"garbage completion: {raw.strip()[:80]!r}"
 
 
-HTML_TAG = re.compile(r"</?(?:span|div|p|b|i|u|em|strong|code|pre|br|a|ul|ol|li|h[1-6])\b[^>]*>", re.IGNORECASE)
+EXPLANATION_LABEL = re.compile(r"explanation\s*[:\-]", re.IGNORECASE)
+LEADING_LABEL = re.compile(r"^[\s*#>`_]*explanation\s*[:\-]", re.IGNORECASE)
+# markup, but not the excerpts' own <<token>> markers ("<<a>>", "<<b>>")
+HTML_TAG = re.compile(r"(?<!<)</?(?:span|div|p|b|i|u|em|strong|code|pre|br|a|ul|ol|li|h[1-6])\b[^<>]*>(?!>)",
+                      re.IGNORECASE)
 
 
 def _words(text: str) -> list[str]:
@@ -214,19 +219,22 @@ def _paraphrases_task(text: str) -> bool:
     return len(covered) >= max(5, 0.6 * len(words))  # five: "numbers from 1 to 10" is not an echo
 
 
-FILLER = set("a an the is are was were be this that these those of in on at to from for with by and or as it its "
-             "there here all each some any following list lists listed contain contains containing shown given "
-             "above below about text texts excerpt excerpts sentence sentences example examples".split())
+# words that only name the task's own material: what an explanation says when it says nothing of the unit
+TASK_MATERIAL = frozenset("a an the is are was were be this that these those of in on at to from for with by and or "
+                          "as it its there here all each some any following list lists listed contain contains "
+                          "containing shown given above below about text texts excerpt excerpts sentence sentences "
+                          "example examples token tokens word words marked feature features unit units neuron "
+                          "neurons explanation find describe".split())
 
 
 def _only_task_words(text: str) -> bool:
     """Does ``text`` name nothing but the task's own material ("The following are the text excerpts from the
-    text.", "a list of the tokens")? True when every word is filler or an instruction word and nothing is
-    quoted; a quoted token ("the token 'the'") or any other word counts as content."""
-    if re.search(r"[\"'“‘«<].+?[\"'”’»>]", text):
+    text.", "a list of the tokens")? A quote mark or a <<marker>> (a quoted token: "the token 'the'") or any
+    word outside ``TASK_MATERIAL`` ("words in parentheses", "what comes next") counts as content."""
+    if re.search(r"[\"'“”‘’«»]|<<", text):
         return False
     words = _words(text)
-    return bool(words) and all(w in FILLER or w in TASK_WORDS for w in words)
+    return bool(words) and all(w in TASK_MATERIAL for w in words)
 
 
 def _is_garbage(text: str) -> bool:

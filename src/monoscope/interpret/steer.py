@@ -294,6 +294,8 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
         raise MonoscopeError("prompts must be a non-empty list of strings")
     _check_gen(max_new_tokens, n_samples, temperature)
     ivs = _check(lm, sae, [Intervention(feature, value, mode)])
+    if taken := set(others or {}) & RESULT_KEYS:
+        raise MonoscopeError(f"steering arm names {sorted(taken)} are taken by the result; name the arms otherwise")
     makers = {"default": contextlib.nullcontext, "steered": steered or (lambda: steer(lm, sae, ivs)), **(others or {})}
     arms: dict[str, dict[str, list]] = {arm: {"act": [], "probe": [], "text": [], "distinct": []} for arm in makers}
     for p_i, prompt in enumerate(prompts):
@@ -322,6 +324,10 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
     for arm in arms:
         del result[arm]["_acts"], result[arm]["_probe"]
     return result
+
+
+RESULT_KEYS = frozenset({"default", "steered", "feature", "value", "mode", "keywords", "n_prompts", "n_samples",
+                         "max_new_tokens", "temperature", "seed", "difference", "probe_difference", "keyword_p_value"})
 
 
 def _arm_summary(raw: dict[str, list], keywords: Sequence[str] | None) -> dict:

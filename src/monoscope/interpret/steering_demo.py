@@ -248,9 +248,10 @@ def measure_feature(lm, sae, candidate: dict, cfg: DemoConfig, explanation: str 
     if isinstance(pos_neg, str):
         baseline = {"failure": pos_neg}
     elif pos_neg is not None:
-        vector, baseline = baseline_vector(sae, candidate, *pos_neg)
+        positive, negative, windows = pos_neg
+        vector, baseline = baseline_vector(sae, candidate, positive, negative)
         others = {"baseline": lambda: add_vector(lm, sae.cfg.hook_name, vector)}
-        probe, baseline["concept_probe"] = concept_probe(*pos_neg, seed=cfg.seed)
+        probe, baseline["concept_probe"] = concept_probe(positive, negative, windows, seed=cfg.seed)
     effect = steering_effect(lm, sae, feature, value, list(PROMPTS), n_samples=cfg.per_prompt,
                              max_new_tokens=cfg.tokens, seed=cfg.seed, keywords=candidate["keywords"],
                              others=others, probe=probe)
@@ -260,8 +261,10 @@ def measure_feature(lm, sae, candidate: dict, cfg: DemoConfig, explanation: str 
         baseline.update({k: arm.pop(k, None) for k in ("difference", "probe_difference", "keyword_p_value")},
                         steered=arm)
     texts = {arm: effect[arm].pop("texts") for arm in ("default", "steered")}
-    # the first three samples of each arm: row by row the same prompt and seed, so they pair up
-    pairs = [{"default": d, "steered": s} for d, s in zip(texts["default"][:3], texts["steered"][:3])]
+    # the first prompt's first samples of each arm (up to three): row by row the same seed, so they pair up
+    first = min(3, cfg.per_prompt)
+    pairs = [{"prompt": PROMPTS[0], "default": d, "steered": s}
+             for d, s in zip(texts["default"][:first], texts["steered"][:first])]
     return SteeringDemo(feature=feature, value=value, keywords=candidate["keywords"],
                         effect=json.loads(json.dumps(effect, default=jsonable)), texts=texts,
                         baseline=json.loads(json.dumps(baseline, default=jsonable)),
@@ -271,10 +274,10 @@ def measure_feature(lm, sae, candidate: dict, cfg: DemoConfig, explanation: str 
 
 
 def concept_activations(lm, sae, stats_folder: str | Path, candidate: dict,
-                        cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor] | str:
+                        cfg: DemoConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
     """The concept's examples at the SAE's hook, or why there are none: (the activation at the token where each
     top example fires — its text up to that token run through the model, the last position being the one the
-    feature saw —, every token of non-activating windows)."""
+    feature saw —, every token of non-activating windows, the window of each of those tokens)."""
     from monoscope.hookpoints import text_activations
     from monoscope.interpret.feature_stats import FeatureStats
 
@@ -286,8 +289,9 @@ def concept_activations(lm, sae, stats_folder: str | Path, candidate: dict,
     negatives = [e.text.removeprefix(bos) for e in fx.negatives]
     if not positives or not negatives:
         return "no top examples or no non-activating windows to take the means of"
-    return (torch.stack([text_activations(lm, hook, [text])[-1] for text in positives]),
-            text_activations(lm, hook, negatives))
+    windows = [text_activations(lm, hook, [text]) for text in negatives]
+    return (torch.stack([text_activations(lm, hook, [text])[-1] for text in positives]), torch.cat(windows),
+            torch.cat([torch.full((len(w),), i) for i, w in enumerate(windows)]))
 
 
 def baseline_vector(sae, candidate: dict, positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -303,21 +307,25 @@ def baseline_vector(sae, candidate: dict, positive: torch.Tensor, negative: torc
         "cosine_with_feature": float(torch.nn.functional.cosine_similarity(diff, d_i, dim=0))}
 
 
-def concept_probe(positive: torch.Tensor, negative: torch.Tensor, seed: int = 0):
+def concept_probe(positive: torch.Tensor, negative: torch.Tensor, windows: torch.Tensor | None = None, seed: int = 0):
     """A logistic probe for the concept on the hook's activations (standardised, classes balanced): a judge of
     generated text that is not the SAE feature itself. Returns (activations [n, d] -> probabilities [n], its
-    description with the 5-fold cross-validated balanced accuracy, or None with under 2 positives per fold)."""
+    description with the 5-fold cross-validated balanced accuracy, or None with under 2 positives per fold).
+    ``windows``: the window of each negative token; a window's tokens stay in one fold (neighbouring tokens of
+    one text are near-copies, and splitting them would overstate the accuracy)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     x = torch.cat([positive, negative]).float().cpu().numpy()
     y = [1] * len(positive) + [0] * len(negative)
+    own = torch.arange(len(negative)) if windows is None else windows.long()
+    groups = torch.cat([-1 - torch.arange(len(positive)), own]).numpy()  # each positive is its own group
     model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000))
-    folds = min(5, len(positive) // 2)
-    cv = (float(cross_val_score(model, x, y, scoring="balanced_accuracy",
-                                cv=StratifiedKFold(folds, shuffle=True, random_state=seed)).mean())
+    folds = min(5, len(positive) // 2, len(set(own.tolist())))
+    cv = (float(cross_val_score(model, x, y, groups=groups, scoring="balanced_accuracy",
+                                cv=StratifiedGroupKFold(folds, shuffle=True, random_state=seed)).mean())
           if folds >= 2 else None)
     model.fit(x, y)
     scaler, logreg = model[0], model[1]
@@ -327,7 +335,8 @@ def concept_probe(positive: torch.Tensor, negative: torch.Tensor, seed: int = 0)
     def score(acts: torch.Tensor) -> torch.Tensor:
         z = (acts.float().cpu() - mean) / scale
         return torch.sigmoid(z @ w + b)
-    return score, {"kind": "logistic regression on the hook's activations, firing tokens vs non-activating tokens",
+    return score, {"kind": "logistic regression on the hook's activations, firing tokens vs non-activating tokens; "
+                           "cross-validated with each window's tokens in one fold",
                    "n_positive": len(positive), "n_negative": len(negative), "cv_balanced_accuracy": cv}
 
 
