@@ -269,7 +269,6 @@ def _summary(x: np.ndarray) -> dict[str, float]:
 def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str], *, mode: str = "clamp",
                     n_samples: int = 20, max_new_tokens: int = 40, temperature: float = 0.7, seed: int = 0,
                     keywords: Sequence[str] | None = None, n_boot: int = 1000,
-                    steered: Callable[[], ContextManager] | None = None,
                     others: dict[str, Callable[[], ContextManager]] | None = None,
                     probe: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Does steering feature ``feature`` make the generations express it?
@@ -280,10 +279,10 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
     difference with a bootstrap 95% interval, the share of distinct tokens per continuation (readability:
     steering too hard makes text loop), and, if ``keywords`` are given, the share of continuations that
     mention one (whole words, see ``mentions``) with its standard error and ``keyword_p_value``.
-    ``steered``: a context manager factory to steer with instead of the feature (e.g. ``add_vector`` of a
-    baseline direction); the feature's activation on the text still measures the concept.
-    ``others``: more steered arms by name (same prompts and seeds), each compared with the one default arm:
-    ``result[name]`` holds its summary plus its own ``difference`` and ``keyword_p_value``.
+    ``others``: more steered arms by name, as context manager factories (e.g. ``add_vector`` of a baseline
+    direction), on the same prompts and seeds, each compared with the one default arm: ``result[name]`` holds
+    its summary plus its own ``difference`` and ``keyword_p_value``; the feature's activation on the text
+    still measures the concept.
     ``probe``: a concept probe on the hook's activations ([n, d] -> scores in [0, 1]), a second judge of the
     text beside the feature: each arm gets ``concept_probe`` (mean score over the generated tokens) and each
     comparison ``probe_difference``.
@@ -296,7 +295,7 @@ def steering_effect(lm, sae, feature: int, value: float, prompts: Sequence[str],
     ivs = _check(lm, sae, [Intervention(feature, value, mode)])
     if taken := set(others or {}) & RESULT_KEYS:
         raise MonoscopeError(f"steering arm names {sorted(taken)} are taken by the result; name the arms otherwise")
-    makers = {"default": contextlib.nullcontext, "steered": steered or (lambda: steer(lm, sae, ivs)), **(others or {})}
+    makers = {"default": contextlib.nullcontext, "steered": lambda: steer(lm, sae, ivs), **(others or {})}
     arms: dict[str, dict[str, list]] = {arm: {"act": [], "probe": [], "text": [], "distinct": []} for arm in makers}
     for p_i, prompt in enumerate(prompts):
         ids = _prompt_ids(lm, prompt)

@@ -91,8 +91,8 @@ def superposition_claims(neurons: pd.DataFrame, cfg) -> list[Claim]:
         layer, top1, top16 = max(per_layer, key=lambda t: t[1][0])
         dedicated.append(REPRODUCED if greater(top16, top1) == INCONCLUSIVE and top1[0] >= 0.8
                          else NOT_REPRODUCED if greater(top16, top1) == REPRODUCED else INCONCLUSIVE)
-        details.append(f"{name}: layer {first} k=1 {with_interval(*one)} vs k=16 {with_interval(*sixteen)}; best neuron layer {layer} "
-                       f"k=1 {with_interval(*top1)} vs k=16 {with_interval(*top16)}")
+        details.append(f"{name}: layer {first} k=1 {with_interval(*one)} vs k=16 {with_interval(*sixteen)}; "
+                       f"best neuron layer {layer} k=1 {with_interval(*top1)} vs k=16 {with_interval(*top16)}")
     note = _size_note(cfg, "probe_examples")
     v1, c1 = tally(early)
     v2, c2 = tally(dedicated)
@@ -115,8 +115,10 @@ def latent_claims(neurons: pd.DataFrame, sae: pd.DataFrame, resid: pd.DataFrame,
         rival = max((_triple(n), _triple(r)), key=lambda t: t[0] if t[0] == t[0] else -1)
         b.append(greater(_triple(s), rival))
         f.append(greater(_triple(s, "precision"), _triple(n, "precision")))
-        details.append(f"{name}: latent {with_interval(*_triple(s))}, neuron {with_interval(*_triple(n))}, residual {with_interval(*_triple(r))}")
-        spec.append(f"{name}: latent precision {with_interval(*_triple(s, 'precision'))} recall {with_interval(*_triple(s, 'recall'))}; "
+        details.append(f"{name}: latent {with_interval(*_triple(s))}, neuron {with_interval(*_triple(n))}, "
+                       f"residual {with_interval(*_triple(r))}")
+        spec.append(f"{name}: latent precision {with_interval(*_triple(s, 'precision'))} "
+                    f"recall {with_interval(*_triple(s, 'recall'))}; "
                     f"neuron {with_interval(*_triple(n, 'precision'))} / {with_interval(*_triple(n, 'recall'))}")
     note = _size_note(cfg, "probe_examples")
     vb, cb = tally(b)
@@ -168,7 +170,8 @@ def steering_claims(steering: dict, cfg) -> list[Claim]:
     steered, default = rate(effect["steered"]), rate(effect["default"])
     verdict = REPRODUCED if p is not None and p < 0.05 else (
         NOT_REPRODUCED if steered[0] <= default[0] else INCONCLUSIVE)
-    dim = (f"difference of means {with_interval(*rate(base['steered']))} (p {base.get('keyword_p_value', float('nan')):.3g} "
+    dim = (f"difference of means {with_interval(*rate(base['steered']))} "
+           f"(p {base.get('keyword_p_value', float('nan')):.3g} "
            f"vs unsteered)" if base.get("steered") else f"no difference-of-means baseline ({base.get('failure', '?')})")
     tried = (steering.get("screen") or {}).get("candidates", "?")
     return [Claim("d", f"Clamping feature {steering.get('feature')} ('{steering.get('keyword', '')}') raises the rate "
@@ -193,7 +196,8 @@ def splitting_claims(split_folder: str | None, cfg) -> list[Claim]:
         s = Splitting.load(sub)
         m = s.summary
         claims.append(Claim("e", text.replace("a larger SAE", f"the {s.large_d_sae:,}-latent SAE"),
-                            f"{m['split']} of {m['tested']} features split: {with_interval(m['split_share'], m['split_low'], m['split_high'])}"
+                            f"{m['split']} of {m['tested']} features split: "
+                            f"{with_interval(m['split_share'], m['split_low'], m['split_high'])}"
                             f" (median family {m['median_family']:g})",
                             f"{m['kept_one_to_one']} kept one-to-one, {m['no_match']} with no match",
                             greater((m["split_share"], m["split_low"], m["split_high"]), (0.5, 0.5, 0.5))))
@@ -223,7 +227,8 @@ def explanation_claims(explained: dict, cfg) -> list[Claim]:
     verdict = greater((mean, low, high), (0.0, 0.0, 0.0))
     note = (f"this run's size cannot support it: explain_score_examples = {cfg.explain_score_examples} (the research "
             f"profile uses 20)" if cfg.explain_score_examples < 20 else "")
-    return [Claim("g", text, f"detection accuracy LLM − baseline {with_interval(mean, low, high)} over {len(diffs)} units "
+    return [Claim("g", text, f"detection accuracy LLM − baseline {with_interval(mean, low, high)} "
+                             f"over {len(diffs)} units "
                              f"(paired); {failed} of {n_units} LLM explanations failed (not counted)", "the token baseline's detection accuracy on the same excerpts", verdict, note)]
 
 

@@ -75,6 +75,11 @@ def neuron_findings(neurons: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return wide, notes
 
 
+def _at_layer(frame: pd.DataFrame, layer: int) -> pd.DataFrame:
+    """Probe results of one layer without the controls."""
+    return frame[(frame.control == "none") & (frame.layer == layer)]
+
+
 def latents_vs_neurons(neurons: pd.DataFrame, sae: pd.DataFrame, resid: pd.DataFrame, layer: int) -> pd.DataFrame:
     """Per dataset at the SAE layer: best F1 of neurons, residual dimensions and SAE latents at k=1 and 16, and
     the dense probe on all of them (the ceiling), each with its 95 % bootstrap interval over test examples."""
@@ -82,7 +87,7 @@ def latents_vs_neurons(neurons: pd.DataFrame, sae: pd.DataFrame, resid: pd.DataF
     for label, frame in (("MLP neurons", neurons), ("residual dims", resid), ("SAE latents", sae)):
         if frame.empty:
             continue
-        f = frame[(frame.control == "none") & (frame.layer == layer)]
+        f = _at_layer(frame, layer)
         f = f.assign(column=np.where(f.method == "dense", f"{label} dense", label + " k=" + f.k.astype(str)))
         f = f[(f.method == "dense") | f.k.isin([1, 16])]
         best = f.loc[f.groupby(["dataset", "column"]).f1.idxmax()]
@@ -106,7 +111,7 @@ def saebench_probing(frames: dict[str, pd.DataFrame], layer: int) -> pd.DataFram
     for label, frame in frames.items():
         if frame.empty:
             continue
-        f = frame[(frame.control == "none") & (frame.layer == layer)]
+        f = _at_layer(frame, layer)
         row = {"units": label, "datasets": f.dataset.nunique()}
         for name, part in (("dense", f[f.method == "dense"]),
                            *((f"k={k}", f[(f.method == "mean_diff") & (f.k == k)]) for k in SAEBENCH_KS)):
@@ -126,8 +131,8 @@ def saebench_plot(frames: dict[str, pd.DataFrame], layer: int) -> str | None:
     for label, frame in frames.items():
         if frame.empty:
             continue
-        f = frame[(frame.control == "none") & (frame.layer == layer) & (frame.method == "mean_diff")]
-        by_k = f.groupby(["k", "dataset"]).accuracy.max().groupby("k").mean()
+        f = _at_layer(frame, layer)
+        by_k = f[f.method == "mean_diff"].groupby(["k", "dataset"]).accuracy.max().groupby("k").mean()
         if len(by_k):
             series[label] = (by_k.index.tolist(), by_k.tolist())
     if not series:
@@ -190,8 +195,8 @@ def _probing_sections(probe: dict, plan: dict) -> list[dict]:
     """Dedicated neurons by layer, optimal sparse probing vs the heuristics, latents vs neurons."""
     neurons = _read(Path(probe["neurons"]) / "results.csv")
     by_layer, notes = neuron_findings(neurons)
-    versus = latents_vs_neurons(neurons, _read(Path(probe["sae"]) / "results.csv"),
-                                _read(Path(probe["resid"]) / "results.csv"), plan["layer"])
+    sae, resid = _read(Path(probe["sae"]) / "results.csv"), _read(Path(probe["resid"]) / "results.csv")
+    versus = latents_vs_neurons(neurons, sae, resid, plan["layer"])
     osp_all = _read(Path(probe["osp"]) / "results.csv") if probe.get("osp") else pd.DataFrame()
     osp = osp_all[osp_all.method == "osp"] if not osp_all.empty else osp_all
     osp_cols = [c for c in ("dataset", "layer", "k", "f1", "osp_objective", "osp_gap", "certified", "fit_s")
@@ -205,8 +210,7 @@ def _probing_sections(probe: dict, plan: dict) -> list[dict]:
                _img(Path(probe.get("osp", probe["neurons"])) / "osp_vs_heuristics.png", "OSP vs heuristics"),
                _p("Mean test F1 by method and k", "h3"), _table(heur),
                _p("OSP solves", "h3"), _table(osp[osp_cols] if osp_cols else osp)]
-    frames = {"MLP neurons": neurons, "residual dims": _read(Path(probe["resid"]) / "results.csv"),
-              "SAE latents": _read(Path(probe["sae"]) / "results.csv")}
+    frames = {"MLP neurons": neurons, "residual dims": resid, "SAE latents": sae}
     plot = saebench_plot(frames, plan["layer"])
     latents = [_p("The same datasets probed on the layer's MLP neurons, its residual-stream dimensions and the SAE's "
                   "latents (best method). A feature that one SAE latent captures better than any single neuron is a "
