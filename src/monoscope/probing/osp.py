@@ -258,9 +258,24 @@ def _prepare_pool(X, y01, pool, weights):
 class _Solver:
     """Caches inner solves (and their cuts) across the ks of one path: a cut is valid for every k."""
 
+    _compiled = False  # the numba kernels are compiled once per process
+
     def __init__(self, Z, y_pm, h, gamma, inner_tol):
         self.Z, self.y_pm, self.h, self.gamma, self.inner_tol = Z, y_pm, h, gamma, inner_tol
         self.cuts: dict[tuple, SVMCut] = {}
+
+    def _compile_kernels(self) -> None:
+        """The first solve in a process compiles the numba kernels (seconds, longer in a fresh install with no
+        on-disk cache): done once here, on this problem's own arrays, so it never counts against a time limit."""
+        if _Solver._compiled:
+            return
+        from monoscope.probing.svm_kernel import screen_subsets
+
+        solve_inner_svm(self.Z, self.y_pm, self.h, self.gamma, (0,), self.inner_tol)
+        Y = np.ascontiguousarray(self.Z * self.y_pm[:, None])
+        screen_subsets(Y, self.y_pm, self.h, self.gamma, np.zeros((1, 1), dtype=np.int64), math.inf, 1e-4,
+                       self.inner_tol, 1)
+        _Solver._compiled = True
 
     def evaluate(self, support) -> SVMCut:
         key = tuple(sorted(int(j) for j in support))
@@ -298,6 +313,7 @@ class _Solver:
         return cuts, s
 
     def solve(self, k: int, warm: list, time_limit: float, rel_gap: float, enumerate_limit: int) -> tuple:
+        self._compile_kernels()
         start = time.perf_counter()
         for support in warm:
             if len(support) == k:
