@@ -107,6 +107,8 @@ def test_bad_config_fails_before_work(tmp_path, capsys):
     assert "unknown key(s) ['layers']" in capsys.readouterr().err
     with pytest.raises(MonoscopeError, match="too small to train"):
         run_pipeline(RunConfig(model="tiny-llama", tokens=100), tmp_path / "o2")
+    with pytest.raises(MonoscopeError, match="lr must be positive"):
+        run_pipeline(RunConfig(model="tiny-llama", lr=0.0), tmp_path / "o2")
     with pytest.raises(MonoscopeError, match="unknown hook"):
         run_pipeline(RunConfig(model="tiny-llama", layer=9), tmp_path / "o3")
     with pytest.raises(MonoscopeError, match="cannot load model"):

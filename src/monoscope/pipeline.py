@@ -84,6 +84,8 @@ class RunConfig(FileColumns):
     l1_values: tuple[float, ...] = field(default=(5.0,), metadata={"help": "L1 coefficients of ReLU/Gated SAEs"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the training rows"})
     batch_size: int = field(default=2048, metadata={"help": "SAE training batch"})
+    lr: float | None = field(default=None, metadata={"help": "SAE learning rate; unset: 2e-4/sqrt(d_sae/2^14) (Gao et "
+                                                            "al. 2024; too low for a few hundred steps, see docs/benchmarks.md)"})
     lm_contexts: int = field(default=8, metadata={"help": "validation contexts for the spliced LM loss"})
     probe_datasets: tuple[str, ...] = field(default=("is_python_code", "lang:fr", "code:go"),
                                             metadata={"help": DATASET_HELP})
@@ -157,6 +159,8 @@ def check_settings(cfg: RunConfig) -> None:
             raise MonoscopeError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
     if not cfg.epochs > 0 or not cfg.osp_time_limit > 0:
         raise MonoscopeError(f"epochs and osp_time_limit must be positive, got {cfg.epochs} and {cfg.osp_time_limit}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise MonoscopeError(f"lr must be positive (or unset for the default rule), got {cfg.lr}")
     for name in ("k_values", "probe_ks"):
         bad = [v for v in getattr(cfg, name) if v < 1]
         if bad or not getattr(cfg, name):
@@ -292,9 +296,9 @@ def _saes_stage(c: _Context, ext: Stage) -> Stage:
     cfg = c.cfg
     sweep_cfg = SweepConfig(architectures=cfg.architectures, k_values=cfg.k_values,
                             target_l0_values=cfg.target_l0_values, l1_values=cfg.l1_values, d_sae=cfg.d_sae,
-                            tokens=int(cfg.epochs * ext["train_rows"]), batch_size=cfg.batch_size, seed=cfg.seed,
-                            hook=c.plan["sae_hook"], device=cfg.device, eval_tokens=ext["validation_rows"],
-                            lm_contexts=cfg.lm_contexts)
+                            tokens=int(cfg.epochs * ext["train_rows"]), batch_size=cfg.batch_size, lr=cfg.lr,
+                            seed=cfg.seed, hook=c.plan["sae_hook"], device=cfg.device,
+                            eval_tokens=ext["validation_rows"], lm_contexts=cfg.lm_contexts)
     main_only = dataclasses.replace(sweep_cfg, architectures=cfg.architectures[:1], k_values=cfg.k_values[:1],
                                     target_l0_values=cfg.target_l0_values[:1], l1_values=cfg.l1_values[:1])
     variants = {"": sweep_cfg,
