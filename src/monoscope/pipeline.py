@@ -150,6 +150,7 @@ POSITIVE = ("tokens", "val_tokens", "context_length", "d_sae", "seeds", "batch_s
 def check_settings(cfg: RunConfig) -> None:
     """Every setting that can be checked without the model: sizes, grids, names. Runs before any work."""
     from monoscope.sae import REGISTRY
+    from monoscope.train import TrainConfig, check_settings as check_train_settings
 
     for name in POSITIVE:
         if getattr(cfg, name) < 1:
@@ -159,8 +160,7 @@ def check_settings(cfg: RunConfig) -> None:
             raise MonoscopeError(f"{name} must be 0 or more, got {getattr(cfg, name)}")
     if not cfg.epochs > 0 or not cfg.osp_time_limit > 0:
         raise MonoscopeError(f"epochs and osp_time_limit must be positive, got {cfg.epochs} and {cfg.osp_time_limit}")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise MonoscopeError(f"lr must be positive (or unset for the default rule), got {cfg.lr}")
+    check_train_settings(TrainConfig(d_sae=cfg.d_sae, batch_size=cfg.batch_size, lr=cfg.lr), cfg.d_sae)
     for name in ("k_values", "probe_ks"):
         bad = [v for v in getattr(cfg, name) if v < 1]
         if bad or not getattr(cfg, name):

@@ -153,13 +153,14 @@ def _sae_config(cfg: TrainConfig, d_in: int, d_sae: int, hook: str, model: str, 
 def check_config(cfg: TrainConfig, d_in: int, hook: str, model: str, world: int = 1) -> int:
     """Every setting of a run on d_in-wide activations, checked before any work; returns d_sae."""
     d_sae = cfg.d_sae if cfg.d_sae is not None else cfg.expansion_factor * d_in
-    _check_settings(cfg, d_sae, world)
+    check_settings(cfg, d_sae, world)
     _sae_config(cfg, d_in, d_sae, hook, model).validate()  # architecture settings
     return d_sae
 
 
-def _check_settings(cfg: TrainConfig, d_sae: int, world: int) -> None:
-    """The trainer's own settings; the SAE's (architecture, k, coefficients...) are checked by its class."""
+def check_settings(cfg: TrainConfig, d_sae: int, world: int = 1) -> None:
+    """The trainer's own settings; the SAE's (architecture, k, coefficients...) are checked by its class.
+    Needs no store or model, so ``monoscope run`` calls it before any work."""
     if d_sae < 1 or cfg.expansion_factor < 1:
         raise MonoscopeError(f"d_sae must be a positive number of latents, got {d_sae}")
     if cfg.batch_size < 1 or cfg.batch_size % world:
@@ -174,8 +175,8 @@ def _check_settings(cfg: TrainConfig, d_sae: int, world: int) -> None:
                              f"{math.ceil(cfg.tokens / cfg.batch_size)} steps at batch {cfg.batch_size}, steps={cfg.steps})")
     if not 0 <= cfg.lr_decay_fraction <= 1 or not 0 <= cfg.sparsity_warmup_fraction <= 1:
         raise MonoscopeError("lr_decay_fraction and sparsity_warmup_fraction must lie in [0, 1]")
-    if cfg.lr is not None and cfg.lr <= 0:
-        raise MonoscopeError(f"lr must be positive, got {cfg.lr}")
+    if cfg.lr is not None and not cfg.lr > 0:  # NaN too
+        raise MonoscopeError(f"lr must be positive (or unset for the default rule), got {cfg.lr}")
 
 
 def input_scale(sample: torch.Tensor) -> float:
