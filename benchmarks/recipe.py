@@ -30,9 +30,9 @@ def score(spec: dict, run: Path, hook: str, lm_contexts: int, out: Path) -> dict
     train_sae(cfg, run / "extract" / "train", out)
     seconds = time.perf_counter() - started
     r = evaluate_sae(out, run / "extract" / "validation", lm_contexts=lm_contexts, hook=hook, show_progress=False)
-    return {"setting": spec | {"epochs": epochs}, "train_s": round(seconds, 1), "fvu": round(r["fvu"], 4),
-            "ce_loss_recovered": round(r["ce_loss_recovered"], 4), "delta_loss": round(r["delta_loss"], 3),
-            "dead_fraction": round(r["dead_fraction"], 4)}
+    return {"setting": spec | {"epochs": epochs}, "train_s": round(seconds, 1), "l0": round(r["l0"], 2),
+            "fvu": round(r["fvu"], 4), "ce_loss_recovered": round(r["ce_loss_recovered"], 4),
+            "delta_loss": round(r["delta_loss"], 3), "dead_fraction": round(r["dead_fraction"], 4)}
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from monoscope.errors import MonoscopeError
 from monoscope.models import DEFAULT_MODEL, LoadedModel, load_model
 from monoscope.probing.user_data import DATASET_HELP, FileColumns
 from monoscope.stages import Run, Stage
+from monoscope.train import DEFAULT_BATCH_SIZE, DEFAULT_LR, TrainConfig, check_settings as check_train_settings
 
 
 PROFILES = ("default", "research")
@@ -83,9 +84,8 @@ class RunConfig(FileColumns):
     target_l0_values: tuple[float, ...] = field(default=(32.0,), metadata={"help": "target L0 of JumpReLU SAEs"})
     l1_values: tuple[float, ...] = field(default=(5.0,), metadata={"help": "L1 coefficients of ReLU/Gated SAEs"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the training rows"})
-    batch_size: int = field(default=2048, metadata={"help": "SAE training batch"})
-    lr: float | None = field(default=None, metadata={"help": "SAE learning rate; unset: 2e-4/sqrt(d_sae/2^14) (Gao et "
-                                                            "al. 2024; too low for a few hundred steps, see docs/benchmarks.md)"})
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "SAE training batch"})
+    lr: float | None = field(default=DEFAULT_LR, metadata={"help": "SAE learning rate (None in the API: the 1/sqrt(m) rule)"})
     lm_contexts: int = field(default=8, metadata={"help": "validation contexts for the spliced LM loss"})
     probe_datasets: tuple[str, ...] = field(default=("is_python_code", "lang:fr", "code:go"),
                                             metadata={"help": DATASET_HELP})
@@ -150,7 +150,6 @@ POSITIVE = ("tokens", "val_tokens", "context_length", "d_sae", "seeds", "batch_s
 def check_settings(cfg: RunConfig) -> None:
     """Every setting that can be checked without the model: sizes, grids, names. Runs before any work."""
     from monoscope.sae import REGISTRY
-    from monoscope.train import TrainConfig, check_settings as check_train_settings
 
     for name in POSITIVE:
         if getattr(cfg, name) < 1:

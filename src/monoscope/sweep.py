@@ -19,7 +19,7 @@ from pathlib import Path
 from monoscope.artifacts import atomic_path, read_json, write_csv, write_json
 from monoscope.config import to_dict
 from monoscope.errors import MonoscopeError
-from monoscope.train import SIDECAR, TrainConfig, run_hash, train_sae
+from monoscope.train import DEFAULT_BATCH_SIZE, DEFAULT_LR, SIDECAR, TrainConfig, run_hash, train_sae
 
 # Each sparsity knob an architecture may name in its ``sweep_knobs`` (a TrainConfig field): the SweepConfig
 # field holding its values and their type.
@@ -50,8 +50,9 @@ class SweepConfig:
     expansion_factor: int = field(default=16, metadata={"help": "latents per input dimension"})
     tokens: int | None = field(default=None, metadata={"help": "training tokens per SAE; unset: one epoch"})
     steps: int | None = field(default=None, metadata={"help": "training steps per SAE (instead of tokens)"})
-    batch_size: int = field(default=4096, metadata={"help": "tokens per step"})
-    lr: float | None = field(default=None, metadata={"help": "learning rate; unset: the 1/sqrt(m) rule"})
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "tokens per step"})
+    lr: float | None = field(default=DEFAULT_LR, metadata={"help": "learning rate (None in the API: the 1/sqrt(m) "
+                                                                   "rule)"})
     seed: int = field(default=0, metadata={"help": "seed of every run"})
     hook: str | None = field(default=None, metadata={"help": "hook; unset: the store's only hook"})
     device: str = field(default="cpu", metadata={"help": "torch device"})

@@ -284,6 +284,24 @@ def _check_target(out: Path) -> None:
                                  f"replace it. Choose an empty or new --out folder")
 
 
+def _page_ids(stats: StatsArtifact, features: Iterable[int] | None, max_features: int | None) -> list[int]:
+    """The feature ids that get pages: ``features`` (checked against the stats) or all, cut to ``max_features``."""
+    if max_features is not None and max_features < 1:
+        raise MonoscopeError(f"max_features must be at least 1, got {max_features}")
+    if features is not None:
+        ids = sorted(set(int(f) for f in features))
+        bad = [f for f in ids if not 0 <= f < stats.n]
+        if bad:
+            raise MonoscopeError(f"features {bad[:5]} are not in {stats.folder}: valid ids are 0 to {stats.n - 1}")
+    else:
+        ids = stats.ids
+    if max_features is not None:
+        ids = ids[:max_features]
+    if not ids:
+        raise MonoscopeError(f"{stats.folder} describes no features; is the statistics run finished?")
+    return ids
+
+
 def build_browser(stats_folder: str | os.PathLike, out_folder: str | os.PathLike, title: str | None = None,
                   explanations: str | os.PathLike | None = None, max_features: int | None = None,
                   features: Iterable[int] | None = None, splitting: str | os.PathLike | None = None) -> Path:
@@ -299,19 +317,7 @@ def build_browser(stats_folder: str | os.PathLike, out_folder: str | os.PathLike
     stats = StatsArtifact(stats_folder)
     out = Path(out_folder)
     _check_target(out)
-    if max_features is not None and max_features < 1:
-        raise MonoscopeError(f"max_features must be at least 1, got {max_features}")
-    if features is not None:
-        ids = sorted(set(int(f) for f in features))
-        bad = [f for f in ids if not 0 <= f < stats.n]
-        if bad:
-            raise MonoscopeError(f"features {bad[:5]} are not in {stats.folder}: valid ids are 0 to {stats.n - 1}")
-    else:
-        ids = stats.ids
-    if max_features is not None:
-        ids = ids[:max_features]
-    if not ids:
-        raise MonoscopeError(f"{stats.folder} describes no features; is the statistics run finished?")
+    ids = _page_ids(stats, features, max_features)
     if explanations is None and (stats.folder / "explanations.jsonl").exists():
         explanations = stats.folder / "explanations.jsonl"
     elif explanations is not None and not Path(explanations).exists():
