@@ -20,11 +20,13 @@ PAYLOADS = [
     "<svg onload=alert(3)>",
     "</pre></textarea><script>alert(4)</script>",
     "<iframe src=javascript:alert(5)></iframe>",
-    "{{ 1234*5 }} {% for x in range(3) %}{{ x }}{% endfor %}",
-    "${1234*5} #{1234*5} <%= 1234*5 %>",
+    '{{ "INJ" ~ "ECTED" }} {% for x in range(3) %}{{ x }}{% endfor %}',
+    '${"INJ" + "ECTED"} #{"INJ" + "ECTED"} <%= "INJ" + "ECTED" %>',
     "<a href=javascript:alert(6)>click</a> &lt;b&gt;",
 ]
-EVALUATED = "6170"  # 1234*5: seen on a page only if some template evaluated a payload
+# Seen on a page only if some template evaluated a payload. A word, not a number like 1234*5 = 6170, which an
+# SAE statistic's digits can contain by chance.
+EVALUATED = "INJECTED"
 
 
 @pytest.fixture(scope="module")
