@@ -6,8 +6,8 @@ Each positional argument is a JSON object of TrainConfig fields (plus "epochs", 
 store, default 3). The anchor, trained first, is the default run's own recipe: TopK, d_sae 4096, k 32,
 3 epochs, the default batch and lr (512, 1e-3; before commit 92a624a: 2048 and the 1/sqrt(m) rule, which
 '{"batch_size": 2048, "lr": null}' gives). Every SAE is scored on the run's validation store, with the
-spliced LM on ``--lm-contexts`` held-out contexts. Prints one JSON row per setting and its CE-loss-recovered gain over the
-anchor. Fidelity does not depend on the machine's load; the train seconds do.
+spliced LM on ``--lm-contexts`` held-out contexts. Prints one JSON row per setting and its CE-loss-recovered
+gain over the anchor. Fidelity does not depend on the machine's load; the train seconds do.
 """
 import argparse
 import json
@@ -17,10 +17,9 @@ from pathlib import Path
 
 from monoscope.evaluate import evaluate_sae
 from monoscope.store import ActivationStore
-from monoscope.train import DEFAULT_BATCH_SIZE, DEFAULT_LR, TrainConfig, train_sae
+from monoscope.train import TrainConfig, train_sae
 
-ANCHOR = {"architecture": "topk", "d_sae": 4096, "k": 32, "batch_size": DEFAULT_BATCH_SIZE, "lr": DEFAULT_LR,
-          "seed": 0}
+ANCHOR = {"architecture": "topk", "d_sae": 4096, "k": 32, "seed": 0}  # batch and lr: TrainConfig's defaults
 
 
 def score(spec: dict, run: Path, hook: str, lm_contexts: int, out: Path) -> dict:

@@ -85,7 +85,8 @@ class RunConfig(FileColumns):
     l1_values: tuple[float, ...] = field(default=(5.0,), metadata={"help": "L1 coefficients of ReLU/Gated SAEs"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the training rows"})
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "SAE training batch"})
-    lr: float | None = field(default=DEFAULT_LR, metadata={"help": "SAE learning rate (None in the API: the 1/sqrt(m) rule)"})
+    lr: float | None = field(default=DEFAULT_LR, metadata={"help": "SAE learning rate (None in the API: the "
+                                                                   "1/sqrt(m) rule)"})
     lm_contexts: int = field(default=8, metadata={"help": "validation contexts for the spliced LM loss"})
     probe_datasets: tuple[str, ...] = field(default=("is_python_code", "lang:fr", "code:go"),
                                             metadata={"help": DATASET_HELP})
