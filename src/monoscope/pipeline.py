@@ -27,7 +27,8 @@ from monoscope.errors import MonoscopeError
 from monoscope.models import DEFAULT_MODEL, LoadedModel, load_model
 from monoscope.probing.user_data import DATASET_HELP, FileColumns
 from monoscope.stages import Run, Stage
-from monoscope.train import DEFAULT_BATCH_SIZE, DEFAULT_LR, TrainConfig, check_settings as check_train_settings
+from monoscope.train import DEFAULT_BATCH_SIZE, DEFAULT_LR, RECIPE_VERSION, TrainConfig
+from monoscope.train import check_settings as check_train_settings
 
 
 PROFILES = ("default", "research")
@@ -319,7 +320,7 @@ def _saes_stage(c: _Context, ext: Stage) -> Stage:
         main = _pick_main_sae(table, cfg.architectures)
         return {"table": table, "main": folder / main, "folder": folder, "larger": larger}
     settings = to_dict(sweep_cfg) if len(variants) == 1 else [to_dict(sweep_cfg), sorted(variants)]
-    return c.run.stage("saes", settings, [ext], body)
+    return c.run.stage("saes", [settings, RECIPE_VERSION], [ext], body)
 
 
 def _split_stage(c: _Context, ext: Stage, saes: Stage) -> Stage | None:

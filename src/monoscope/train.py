@@ -46,6 +46,10 @@ DEFAULT_BATCH_SIZE = 512
 DEFAULT_LR = 1e-3
 # Settings that change how a run is watched or where it runs, never its result.
 _NOT_HASHED = ("device", "log_every", "checkpoint_every")
+# Bump when a code change makes the same settings and data give other weights, so that no cache, sweep folder
+# or checkpoint serves an SAE of the old code. 2: JumpReLU's dead-threshold decay, the synthetic sampler's
+# geometric-gap thinning.
+RECIPE_VERSION = 2
 
 
 @dataclass
@@ -139,9 +143,10 @@ def sparsity_scale_at(step: int, total: int, fraction: float) -> float:
 
 
 def run_hash(cfg: TrainConfig, store_identity: str) -> str:
-    """Identity of a run's result: every setting that changes the weights plus the training data."""
+    """Identity of a run's result: every setting that changes the weights, the training data, and the version
+    of the code that turns them into weights (RECIPE_VERSION)."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_HASHED}
-    return config_hash(settings, store_identity)
+    return config_hash(settings, store_identity, RECIPE_VERSION)
 
 
 def _sae_config(cfg: TrainConfig, d_in: int, d_sae: int, hook: str, model: str, dead_window: int | None = None):

@@ -21,8 +21,9 @@ instead of [F, F] in chunks).
 Sampling never draws F Bernoullis per sample. Given the copula's low-rank part m = C eps (one [n, r] x
 [r, F] product), each feature fires independently with probability Phi(-(t_i - m_i) / s_i). Pairs whose
 probability may exceed a bound q are found from m and drawn directly; all others are drawn by thinning:
-candidate pairs at rate q over the whole [n, F] grid (a binomial count of uniformly placed pairs), each
-kept with probability p / q. Both parts are exact, and the hierarchy is applied on the sparse pairs.
+candidate pairs at rate q over the whole [n, F] grid (an independent Bernoulli(q) per cell, placed by
+geometric gaps), each kept with probability p / q. Both parts are exact, and the hierarchy is applied on
+the sparse pairs.
 """
 from __future__ import annotations
 
@@ -280,6 +281,8 @@ class SyntheticModel:
         self._q = 0.5 * math.erfc(_THINNING_TAU / math.sqrt(2))
         self._s = torch.ones_like(self.probs) if self.diag is None else self.diag.sqrt()
         self._cut = self._threshold - _THINNING_TAU * self._s  # m above this: drawn directly
+        self._slope = 1 / (self._s * math.sqrt(2))  # P(fire | m) = erfc((t - m) / (s sqrt 2)) / 2, as a - b m
+        self._offset = self._threshold * self._slope
         self._free = (self.tree.parent < 0).nonzero(as_tuple=True)[0]  # roots and features in no tree
 
     @property
@@ -361,9 +364,7 @@ class SyntheticModel:
         r, c = direct.nonzero(as_tuple=True)
         keep = torch.rand(r.shape, generator=g) < self._p(m[r if m.shape[0] > 1 else 0, c], free[c])
         r, c = r[keep], c[keep]
-        count = int(torch.binomial(torch.tensor(float(n * nf), dtype=torch.float64),
-                                   torch.tensor(self._q, dtype=torch.float64), generator=g))
-        cand = _distinct(n * nf, count, g)
+        cand = _bernoulli_cells(n * nf, self._q, g)
         cr, cc = cand // nf, cand % nf
         thin = ~direct[cr, cc] & (torch.rand(cand.shape, generator=g) * self._q
                                   < self._p(m[cr if m.shape[0] > 1 else 0, cc], free[cc]))
@@ -371,7 +372,7 @@ class SyntheticModel:
 
     def _p(self, m: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """P(feature f fires | the copula's low-rank part m of that feature in that row)."""
-        return 0.5 * torch.erfc((self._threshold[f] - m) / self._s[f] / math.sqrt(2))
+        return 0.5 * torch.erfc(self._offset[f] - m * self._slope[f])
 
     def _magnitudes(self, r, f, g):
         v = (self.mean[f] + self.std[f] * torch.randn(f.shape, generator=g)).relu()
@@ -526,14 +527,19 @@ def open_model(spec: str) -> SyntheticModel:
                          f"of a saved SyntheticModel (SAELens's layout)")
 
 
-def _distinct(total: int, k: int, g: torch.Generator) -> torch.Tensor:
-    """k distinct integers drawn uniformly from range(total), sorted. Drawing with replacement and topping
-    up the duplicates is symmetric in the integers and always ends with k of them, so every k-subset is
-    equally likely."""
-    got = torch.empty(0, dtype=torch.long)
-    while got.numel() < k:
-        got = torch.unique(torch.cat([got, torch.randint(total, (k - got.numel(),), generator=g)]))
-    return got
+def _bernoulli_cells(total: int, q: float, g: torch.Generator) -> torch.Tensor:
+    """The cells of range(total) where independent Bernoulli(q) draws succeed, in increasing order: the gaps
+    between successes are Geometric(q), floor(log U / log(1 - q)) + 1, so the work follows the successes
+    (no sort, no draw per cell)."""
+    log_miss, mean = math.log1p(-q), total * q
+    parts, last = [], -1
+    while True:
+        u = 1.0 - torch.rand(int(mean + 4 * math.sqrt(mean) + 64), generator=g, dtype=torch.float64)  # (0, 1]
+        cells = last + ((u.log() / log_miss).floor().long() + 1).cumsum(0)
+        parts.append(cells[cells < total])
+        if cells[-1] >= total:
+            return torch.cat(parts)
+        last, mean = int(cells[-1]), (total - int(cells[-1])) * q
 
 
 def generator_for(*parts: int) -> torch.Generator:
