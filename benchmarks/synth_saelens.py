@@ -65,11 +65,11 @@ print(json.dumps({"seconds": seconds, "samples": trainer.n_training_samples}))
 """
 
 
-def train_saelens(python: str, arch: str, args, out: Path) -> dict | None:
+def train_saelens(python: str, arch: str, args, d_in: int, out: Path) -> dict | None:
     from monoscope.sae import SAEConfig
 
-    widths = list(SAEConfig(architecture="matryoshka", d_in=768, d_sae=args.d_sae, k=args.l0).widths_resolved)
-    spec = {"arch": arch, "model": args.model, "d_in": 768, "d_sae": args.d_sae, "l0": args.l0, "lr": args.lr,
+    widths = list(SAEConfig(architecture="matryoshka", d_in=d_in, d_sae=args.d_sae, k=args.l0).widths_resolved)
+    spec = {"arch": arch, "model": args.model, "d_in": d_in, "d_sae": args.d_sae, "l0": args.l0, "lr": args.lr,
             "batch": args.batch_size, "samples": args.samples, "widths": widths, "out": str(out)}
     run = subprocess.run([python, "-c", SAELENS_WORKER, SRC, json.dumps(spec)], capture_output=True, text=True,
                          env={**os.environ, "TQDM_DISABLE": "1"})
@@ -126,7 +126,7 @@ def main() -> None:
         for arch in args.architectures.split(","):
             ours, theirs = Path(tmp) / f"ours_{arch}", Path(tmp) / f"saelens_{arch}"
             t_ours = train_ours(arch, args, ours)
-            t_theirs = train_saelens(args.saelens_python, arch, args, theirs)
+            t_theirs = train_saelens(args.saelens_python, arch, args, source.d(), theirs)
             if t_theirs is None:
                 continue
             a, b = score(ours, source, args), score(theirs, source, args)

@@ -321,7 +321,6 @@ def test_jumprelu_target_l0_form():
     assert torch.allclose(sae.threshold, theta * math.exp(mu)) and sae.log_threshold_scale.item() == 0
 
 
-
 def test_jumprelu_dead_latents_get_lower_thresholds():
     """A dead latent gets no gradient at all, so its threshold is lowered until it fires again; live ones
     keep theirs (issue 13: 43 % dead at the default budget before this)."""
@@ -333,6 +332,8 @@ def test_jumprelu_dead_latents_get_lower_thresholds():
     assert torch.allclose(sae.threshold[:3], before[:3] * (1 - sae.dead_decay))
     assert torch.equal(sae.threshold[3:], before[3:])
     assert 0 < sae.dead_decay < 1
+
+
 @pytest.mark.parametrize("arch,knob", [("jumprelu", "target_l0"), ("batchtopk", "k"), ("matryoshka", "k")])
 def test_sparsity_lands_on_its_target(tmp_path, arch, knob):
     """Issue 13: the requested L0 is the L0 at inference (within 10 %), on synthetic data with a known answer."""

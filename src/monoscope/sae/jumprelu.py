@@ -117,7 +117,7 @@ class JumpReLUSAE(SAE):
         eps = self.cfg.jumprelu_bandwidth
         if dead_mask is not None and self.dead_decay:
             with torch.no_grad():
-                self.threshold[dead_mask.reshape(-1)[:self.cfg.d_sae]] *= 1.0 - self.dead_decay
+                self.threshold[dead_mask] *= 1.0 - self.dead_decay
         theta = self._theta()
         f = JumpReLUFn.apply(z, theta, eps).to(self.W_dec.dtype)
         x_hat = self.decode(f)
