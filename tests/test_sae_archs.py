@@ -11,7 +11,7 @@ from monoscope.sae import ARCHITECTURES, REGISTRY, SAEConfig, build_sae, geometr
 from monoscope.sae.base import sum_sq, total_variance
 from monoscope.sae.batchtopk import batch_topk_indices
 from monoscope.sae.jumprelu import JumpReLUFn, StepFn
-from monoscope.sae.topk import SparseDecode, SparseEncode, aux_indices, auxk_loss, sparse_decode, topk_indices
+from monoscope.sae.topk import aux_indices, auxk_loss, sparse_decode, sparse_encode, topk_indices
 
 D, M, K = 12, 48, 4
 
@@ -146,11 +146,11 @@ def test_sparse_kernels_gradcheck_float64():
     sel = lambda z: (torch.cat([idx0, aux0], 1), None)  # noqa: E731  (duplicates allowed)
 
     def enc(x, b_dec, W, b):
-        return SparseEncode.apply(x, b_dec, W, b, sel)[0]
+        return sparse_encode(x, b_dec, W, b, sel)[0]
 
     torch.autograd.gradcheck(enc, (x, b_dec, W, b), eps=1e-6, atol=1e-6)
     vals = torch.rand(n, k, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda v, w: SparseDecode.apply(v, idx0, w), (vals, Wd), eps=1e-6, atol=1e-6)
+    torch.autograd.gradcheck(lambda v, w: sparse_decode(v, idx0, w), (vals, Wd), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("with_dead", [False, True])
@@ -306,6 +306,32 @@ def test_jumprelu_straight_through_estimators():
     gz2, gt2 = torch.autograd.grad(StepFn.apply(z, theta, eps).sum(), [z, theta], allow_unused=True)
     assert gz2 is None
     assert torch.allclose(gt2, torch.tensor([0.0, -10.0, -10.0, 0.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("target_l0", [None, 5.0])
+def test_jumprelu_sparse_training_matches_dense_reference(target_l0):
+    """The sparse training path (only entries above θ − ε/2 gathered) gives the loss and gradients of the
+    dense formulation, f = z·H(z − θ) over all [N, d_sae] entries."""
+    eps = 0.3  # wide enough that many entries sit in the kernel's window
+    sae = make("jumprelu", dtype=torch.float64, jumprelu_bandwidth=eps, target_l0=target_l0)
+    with torch.no_grad():
+        sae.threshold.copy_(0.2 + torch.rand(sae.cfg.d_sae, dtype=torch.float64))  # θ ≥ ε/2 everywhere
+    x = data(dtype=torch.float64)
+    out = sae.training_forward(x)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold]
+    grads = torch.autograd.grad(out.loss, params)
+    sae.log_threshold_scale.zero_()
+    z = sae.pre_acts(x)
+    f = JumpReLUFn.apply(z, sae.threshold, eps)
+    ref = sum_sq(x - sae.decode(f))
+    if target_l0 is None:
+        ref = ref + sae.cfg.l0_coefficient * StepFn.apply(z, sae.threshold, eps).sum(1).mean()
+    ref_grads = torch.autograd.grad(ref, params)
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-6)  # θ and the gathered z are fp32
+    assert out.l0.item() == pytest.approx((f > 0).sum(1).double().mean().item())
+    assert (ref_grads[-1] != 0).sum() > 3  # the kernel window was not empty
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g.double(), r.double(), atol=1e-5, rtol=1e-5)
 
 
 def test_jumprelu_target_l0_form():

@@ -48,8 +48,9 @@ DEFAULT_LR = 1e-3
 _NOT_HASHED = ("device", "log_every", "checkpoint_every")
 # Bump when a code change makes the same settings and data give other weights, so that no cache, sweep folder
 # or checkpoint serves an SAE of the old code. 2: JumpReLU's dead-threshold decay, the synthetic sampler's
-# geometric-gap thinning.
-RECIPE_VERSION = 2
+# geometric-gap thinning. 3: JumpReLU trains on the sparse entries above max(θ − ε/2, 0) (its threshold no
+# longer learns from tokens where z ≤ 0).
+RECIPE_VERSION = 3
 
 
 @dataclass

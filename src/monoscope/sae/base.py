@@ -110,7 +110,8 @@ class TrainOutput:
     """What one ``training_forward`` returns. ``loss`` carries the graph; ``terms`` are detached, for logs.
 
     Dense architectures fill ``f`` [N, d_sae]; the TopK family fills ``idx``/``vals`` [N, K] instead (latent
-    ids and their activations, zeros where a slot is unused) so nothing dense is materialised.
+    ids and their activations, zeros where a slot is unused) so nothing dense is materialised; JumpReLU fills
+    them as a CSR code list (``idx``/``vals`` [E], token t's entries at ``crow[t]:crow[t+1]``).
     """
 
     x_hat: Tensor
@@ -121,13 +122,17 @@ class TrainOutput:
     f: Tensor | None = None
     idx: Tensor | None = None
     vals: Tensor | None = None
+    crow: Tensor | None = None
 
     def dense_acts(self) -> Tensor:
         if self.f is not None:
             return self.f
         assert self.idx is not None and self.vals is not None
-        out = torch.zeros(self.vals.shape[0], self.fired.shape[0], dtype=self.vals.dtype, device=self.vals.device)
-        return out.scatter_add_(1, self.idx, self.vals.detach())
+        n = self.x_hat.shape[0]
+        out = torch.zeros(n, self.fired.shape[0], dtype=self.vals.dtype, device=self.vals.device)
+        if self.crow is None:
+            return out.scatter_add_(1, self.idx, self.vals.detach())
+        return out.index_put_((csr_rows(self.crow), self.idx), self.vals.detach(), accumulate=True)
 
 
 def register(name: str):
@@ -352,6 +357,12 @@ class SAE(nn.Module):
 
 def json_ready(d: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def csr_rows(crow: Tensor) -> Tensor:
+    """The token of each entry of a CSR code list with row pointers ``crow`` [N+1]."""
+    n = crow.numel() - 1
+    return torch.repeat_interleave(torch.arange(n, device=crow.device), crow.diff(), output_size=int(crow[-1]))
 
 
 def dense_fired(f: Tensor) -> Tensor:

@@ -3,6 +3,9 @@
 H has zero derivative almost everywhere, so θ learns through straight-through estimators with a rectangle
 kernel K(u) = 1[|u| < ½] of bandwidth ε:  ∂f/∂θ ≈ −(θ/ε)·K((z − θ)/ε) and ∂L0/∂θ ≈ −(1/ε)·K((z − θ)/ε).
 z gets the ordinary gradient through f and none through the L0 count.
+Training is sparse, as for TopK: after the one dense encoder product, only the entries a gradient can reach
+(z_i > θ_i − ε/2: the active ones and the kernel's window below θ_i) are gathered, so the decoder and the whole
+backward pass are sparse products over those N·K entries (``sae.topk``'s kernels), not [N, d_sae] matmuls.
 θ is a plain fp32 parameter (a log-parameterised θ barely moves under Adam) and stays fp32 even if the
 module is cast to another dtype.
 """
@@ -12,11 +15,25 @@ import torch
 from torch import Tensor
 
 from monoscope.errors import MonoscopeError
-from monoscope.sae.base import SAE, TrainOutput, _flatten, dense_fired, register, require_non_negative, sum_sq
+from monoscope.sae.base import SAE, TrainOutput, _flatten, register, require_non_negative, sum_sq
+from monoscope.sae.topk import SparseEncode, fired_from, sparse_decode
 
 
 def _rect(z: Tensor, theta: Tensor, eps: float) -> Tensor:
     return (((z - theta) / eps).abs() < 0.5).to(z.dtype)
+
+
+def _to_shape(g: Tensor, theta: Tensor) -> Tensor:
+    """θ's gradient: summed over tokens for a shared [m] θ, elementwise for θ gathered to z's shape."""
+    return (g.sum(0) if g.dim() > theta.dim() else g).to(theta.dtype)
+
+
+def window_codes(z: Tensor, lo: Tensor) -> tuple[Tensor, Tensor, None]:
+    """The entries z > lo as a CSR code list (crow [N+1], col [E], no keep mask), ids ascending per token."""
+    rows, col = (z > lo).nonzero(as_tuple=True)
+    crow = torch.zeros(z.shape[0] + 1, dtype=torch.long, device=z.device)
+    torch.cumsum(torch.bincount(rows, minlength=z.shape[0]), 0, out=crow[1:])
+    return crow, col, None
 
 
 class JumpReLUFn(torch.autograd.Function):
@@ -30,8 +47,8 @@ class JumpReLUFn(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
         g_z = g * (z > theta)
-        g_theta = (-(theta / ctx.eps) * _rect(z, theta, ctx.eps) * g).sum(0)
-        return g_z, g_theta.to(theta.dtype), None
+        g_theta = -(theta / ctx.eps) * _rect(z, theta, ctx.eps) * g
+        return g_z, _to_shape(g_theta, theta), None
 
 
 class StepFn(torch.autograd.Function):
@@ -44,8 +61,8 @@ class StepFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
-        g_theta = (-(1.0 / ctx.eps) * _rect(z, theta, ctx.eps) * g).sum(0)
-        return None, g_theta.to(theta.dtype), None
+        g_theta = -(1.0 / ctx.eps) * _rect(z, theta, ctx.eps) * g
+        return None, _to_shape(g_theta, theta), None
 
 
 @register("jumprelu")
@@ -113,25 +130,32 @@ class JumpReLUSAE(SAE):
                          sparsity_scale: float = 1.0) -> TrainOutput:
         x, _ = _flatten(x, self.cfg.d_in)
         x = x.to(self.W_enc.dtype)
-        z = self.pre_acts(x).relu().float()
         eps = self.cfg.jumprelu_bandwidth
         if dead_mask is not None and self.dead_decay:
             with torch.no_grad():
                 self.threshold[dead_mask] *= 1.0 - self.dead_decay
         theta = self._theta()
-        f = JumpReLUFn.apply(z, theta, eps).to(self.W_dec.dtype)
-        x_hat = self.decode(f)
+        # Gather z_i > max(θ_i − ε/2, 0): every entry with a gradient (z ≤ 0 never fires, so it is left out
+        # of the kernel's window too), then apply the jump to the gathered values only.
+        lo = (theta.detach() - eps / 2).clamp_min(0.0).to(x.dtype)
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        z, col, crow = SparseEncode.apply(x, b_dec, self.W_enc, self.b_enc, lambda pre: window_codes(pre, lo))
+        z, theta_g, n = z.float(), theta[col], x.shape[0]
+        vals = JumpReLUFn.apply(z, theta_g, eps)
+        x_hat = sparse_decode(vals.to(self.W_dec.dtype), col, self.W_dec, crow) + self.b_dec
         mse = sum_sq(x - x_hat)
-        l0 = StepFn.apply(z, theta, eps).sum(1).mean()
         if self.cfg.target_l0 is None:
+            l0 = StepFn.apply(z, theta_g, eps).sum() / n
             penalty = l0
             loss = mse + self.cfg.l0_coefficient * sparsity_scale * penalty
         else:
+            l0 = (vals > 0).sum().float() / n
             penalty = (l0 / self.cfg.target_l0 - 1).detach()  # the controller's error, reported
             loss = mse
             with torch.no_grad():
                 self.log_threshold_scale.add_(self.target_rate * penalty)
-        return TrainOutput(x_hat=x_hat, loss=loss, l0=l0.detach(), fired=dense_fired(f.detach()), f=f,
+        return TrainOutput(x_hat=x_hat, loss=loss, l0=l0.detach(), fired=fired_from(col, vals.detach(), self.cfg.d_sae),
+                           idx=col, vals=vals, crow=crow,
                            terms={"mse": mse.detach(), "l0_penalty": penalty.detach(), "l0": l0.detach()})
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from monoscope.errors import MonoscopeError
-from monoscope.sae.base import SAE, TrainOutput, register, sum_sq, total_variance, _flatten
+from monoscope.sae.base import SAE, TrainOutput, csr_rows, register, sum_sq, total_variance, _flatten
 
 Selector = Callable[[Tensor], "tuple[Tensor, Tensor | None]"]
 
@@ -31,94 +31,108 @@ def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int])
         return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
-def _by_latent(idx: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Group the (token, slot) pairs of ``idx`` [N, K] by latent: the CSR structure of the [m, N] transpose."""
-    n, k = idx.shape
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    tokens = torch.div(order, k, rounding_mode="floor")
-    crow = torch.zeros(m + 1, dtype=torch.long, device=idx.device)
-    torch.cumsum(torch.bincount(flat, minlength=m), 0, out=crow[1:])
-    return order, tokens, crow
+def uniform_crow(n: int, k: int, device=None) -> Tensor:
+    """CSR row pointers of [N, k] codes: k entries per token."""
+    return torch.arange(0, n * k + 1, k, device=device)
 
 
-def _latent_major_mm(idx: Tensor, weights: Tensor, y: Tensor, m: int) -> Tensor:
-    """Σ_t Σ_s weights[t,s]·y[t] accumulated into row idx[t,s]: a sparse [m, N] × dense [N, d] product."""
-    order, tokens, crow = _by_latent(idx, m)
-    g_t = csr_tensor(crow, tokens, weights.reshape(-1)[order], (m, idx.shape[0]))
+def _latent_major_mm(crow: Tensor, col: Tensor, weights: Tensor, y: Tensor, m: int) -> Tensor:
+    """Σ_e weights[e]·y[token(e)] accumulated into row col[e]: a sparse [m, N] × dense [N, d] product."""
+    order = torch.argsort(col, stable=True)
+    lat_crow = torch.zeros(m + 1, dtype=torch.long, device=col.device)
+    torch.cumsum(torch.bincount(col, minlength=m), 0, out=lat_crow[1:])
+    g_t = csr_tensor(lat_crow, csr_rows(crow)[order], weights[order], (m, crow.numel() - 1))
     return g_t @ y
 
 
-def _sampled_rowdot(idx: Tensor, a: Tensor, w: Tensor) -> Tensor:
-    """out[t, s] = a[t] · w[idx[t, s]] for a [N, d], w [m, d]: the dense product sampled at N·K entries."""
-    n, k = idx.shape
-    crow = torch.arange(0, n * k + 1, k, device=idx.device)
-    pattern = csr_tensor(crow, idx.reshape(-1), torch.zeros(n * k, dtype=a.dtype, device=a.device), (n, w.shape[0]))
-    out = torch.sparse.sampled_addmm(pattern, a, w.t(), beta=0.0)
-    return out.values().reshape(n, k)
+def _sampled_rowdot(crow: Tensor, col: Tensor, a: Tensor, w: Tensor) -> Tensor:
+    """out[e] = a[token(e)] · w[col[e]] for a [N, d], w [m, d]: the dense product sampled at the entries."""
+    pattern = csr_tensor(crow, col, torch.zeros(col.numel(), dtype=a.dtype, device=a.device), (a.shape[0], w.shape[0]))
+    return torch.sparse.sampled_addmm(pattern, a, w.t(), beta=0.0).values()
+
+
+def _bag(col: Tensor, crow: Tensor, w: Tensor, weights: Tensor) -> Tensor:
+    """Σ_e weights[e]·w[col[e]] per token: [N, d]."""
+    return F.embedding_bag(col, w, crow[:-1], per_sample_weights=weights, mode="sum")
 
 
 class SparseEncode(torch.autograd.Function):
-    """vals = ReLU(z)[idx] with z = (x − b_dec)·W_enc + b_enc and idx chosen by ``select(z)``.
+    """vals = ReLU(z) at the entries ``select(z)`` picks, z = (x − b_dec)·W_enc + b_enc, as a CSR code list.
 
-    ``select`` returns (idx [N, K] long, keep [N, K] bool or None); entries not kept get value 0 and no
-    gradient. Duplicate ids in a row (e.g. a latent picked by both TopK and AuxK) are allowed.
+    ``select`` returns (crow [N+1], col [E], keep [E] bool or None): each token's entries, ids ascending;
+    entries not kept get value 0 and no gradient. Duplicate ids in a token (e.g. a latent picked by both
+    TopK and AuxK) are allowed. Returns (vals [E], col, crow).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor,
-                select: Selector) -> tuple[Tensor, Tensor]:
+    def forward(ctx, x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, select) -> tuple:
         x_c = x - b_dec if b_dec is not None else x
         with torch.no_grad():
             z = torch.addmm(b_enc, x_c, W_enc)
-            idx, keep = select(z)
-            vals = z.gather(1, idx).relu_()
+            crow, col, keep = select(z)
+            vals = z[csr_rows(crow), col].relu_()
             del z
             if keep is not None:
                 vals.mul_(keep)
-        ctx.save_for_backward(x_c, W_enc, idx, vals)
+        ctx.save_for_backward(x_c, W_enc, crow, col, vals)
         ctx.has_b_dec = b_dec is not None
-        ctx.mark_non_differentiable(idx)
-        return vals, idx
+        ctx.mark_non_differentiable(col, crow)
+        return vals, col, crow
 
     @staticmethod
-    def backward(ctx, g_vals: Tensor, _g_idx: Tensor | None):
-        x_c, W_enc, idx, vals = ctx.saved_tensors
+    def backward(ctx, g_vals: Tensor, _g_col, _g_crow):
+        x_c, W_enc, crow, col, vals = ctx.saved_tensors
         m = W_enc.shape[1]
         g = torch.where(vals > 0, g_vals, torch.zeros((), dtype=g_vals.dtype, device=g_vals.device))
         g_x = g_bdec = g_W = g_benc = None
         need_x, need_bdec, need_W, need_benc = ctx.needs_input_grad[:4]
         if need_W:
-            g_W = _latent_major_mm(idx, g, x_c, m).t()
+            g_W = _latent_major_mm(crow, col, g, x_c, m).t()
         if need_benc or need_bdec:
-            col_sum = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+            col_sum = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, col, g)
             g_benc = col_sum if need_benc else None
             if need_bdec and ctx.has_b_dec:
                 g_bdec = -(W_enc @ col_sum)
         if need_x:
-            g_x = F.embedding_bag(idx, W_enc.t().contiguous(), per_sample_weights=g, mode="sum")
+            g_x = _bag(col, crow, W_enc.t().contiguous(), g)
         return g_x, g_bdec, g_W, g_benc, None
 
 
+def sparse_encode(x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor,
+                  select: Selector) -> tuple[Tensor, Tensor]:
+    """(vals, idx) [N, K] for a selection of K entries per token: ``select(z)`` returns (idx, keep) [N, K]."""
+    def flat(z: Tensor):
+        idx, keep = select(z)
+        shape.append(idx.shape)
+        return uniform_crow(*idx.shape, device=z.device), idx.reshape(-1), None if keep is None else keep.reshape(-1)
+
+    shape: list = []
+    vals, col, _ = SparseEncode.apply(x, b_dec, W_enc, b_enc, flat)
+    return vals.reshape(shape[0]), col.reshape(shape[0])
+
+
 class SparseDecode(torch.autograd.Function):
-    """Σ_s vals[t,s]·W_dec[idx[t,s]] (no b_dec). ``idx`` rows must hold distinct ids."""
+    """Σ_e vals[e]·W_dec[col[e]] per token (no b_dec), for a CSR code list whose tokens hold distinct ids."""
 
     @staticmethod
-    def forward(ctx, vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-        ctx.save_for_backward(vals, idx, W_dec)
-        return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+    def forward(ctx, vals: Tensor, col: Tensor, crow: Tensor, W_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(vals, col, crow, W_dec)
+        return _bag(col, crow, W_dec, vals)
 
     @staticmethod
     def backward(ctx, g_out: Tensor):
-        vals, idx, W_dec = ctx.saved_tensors
+        vals, col, crow, W_dec = ctx.saved_tensors
         g_out = g_out.contiguous()
-        g_vals = _sampled_rowdot(idx, g_out, W_dec) if ctx.needs_input_grad[0] else None
-        g_W = _latent_major_mm(idx, vals, g_out, W_dec.shape[0]) if ctx.needs_input_grad[2] else None
-        return g_vals, None, g_W
+        g_vals = _sampled_rowdot(crow, col, g_out, W_dec) if ctx.needs_input_grad[0] else None
+        g_W = _latent_major_mm(crow, col, vals, g_out, W_dec.shape[0]) if ctx.needs_input_grad[3] else None
+        return g_vals, None, None, g_W
 
 
-def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    return SparseDecode.apply(vals, idx, W_dec)
+def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, crow: Tensor | None = None) -> Tensor:
+    """Decode [N, K] codes (``crow`` None) or a CSR code list (vals, col = idx, crow)."""
+    if crow is None:
+        crow = uniform_crow(*idx.shape, device=idx.device)
+    return SparseDecode.apply(vals.reshape(-1), idx.reshape(-1), crow, W_dec)
 
 
 def topk_indices(z: Tensor, k: int) -> Tensor:
@@ -201,8 +215,8 @@ class TopKSAE(SAE):
         flat, _ = _flatten(x, self.cfg.d_in)
         k = self.cfg.k
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        return SparseEncode.apply(flat.to(self.W_enc.dtype), b_dec, self.W_enc, self.b_enc,
-                                  lambda z: (topk_indices(z, k), None))
+        return sparse_encode(flat.to(self.W_enc.dtype), b_dec, self.W_enc, self.b_enc,
+                             lambda z: (topk_indices(z, k), None))
 
     def encode(self, x: Tensor) -> Tensor:
         flat, lead = _flatten(x, self.cfg.d_in)
@@ -237,7 +251,7 @@ class TopKSAE(SAE):
             return torch.cat([idx, aux], 1), keep
 
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        vals, idx = SparseEncode.apply(x.to(self.W_enc.dtype), b_dec, self.W_enc, self.b_enc, select)
+        vals, idx = sparse_encode(x.to(self.W_enc.dtype), b_dec, self.W_enc, self.b_enc, select)
         k = split[0]
         main = (vals[:, :k], idx[:, :k])
         aux = (vals[:, k:], idx[:, k:]) if dead is not None else None
