@@ -359,6 +359,13 @@ def json_ready(d: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
+def csr_crow(rows: Tensor, n: int) -> Tensor:
+    """CSR row pointers [n+1] of entries whose row ids are ``rows`` (grouped by row): the inverse of csr_rows."""
+    crow = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=n), 0, out=crow[1:])
+    return crow
+
+
 def csr_rows(crow: Tensor) -> Tensor:
     """The token of each entry of a CSR code list with row pointers ``crow`` [N+1]."""
     n = crow.numel() - 1

@@ -4,8 +4,9 @@ H has zero derivative almost everywhere, so θ learns through straight-through e
 kernel K(u) = 1[|u| < ½] of bandwidth ε:  ∂f/∂θ ≈ −(θ/ε)·K((z − θ)/ε) and ∂L0/∂θ ≈ −(1/ε)·K((z − θ)/ε).
 z gets the ordinary gradient through f and none through the L0 count.
 Training is sparse, as for TopK: after the one dense encoder product, only the entries a gradient can reach
-(z_i > θ_i − ε/2: the active ones and the kernel's window below θ_i) are gathered, so the decoder and the whole
-backward pass are sparse products over those N·K entries (``sae.topk``'s kernels), not [N, d_sae] matmuls.
+(z_i > max(θ_i − ε/2, 0): the active ones and the kernel's window below θ_i) are gathered as a CSR code list,
+so the decoder and the whole backward pass are sparse products over those entries (``sae.topk``'s kernels),
+not [N, d_sae] matmuls.
 θ is a plain fp32 parameter (a log-parameterised θ barely moves under Adam) and stays fp32 even if the
 module is cast to another dtype.
 """
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from monoscope.errors import MonoscopeError
-from monoscope.sae.base import SAE, TrainOutput, _flatten, register, require_non_negative, sum_sq
+from monoscope.sae.base import SAE, TrainOutput, _flatten, csr_crow, register, require_non_negative, sum_sq
 from monoscope.sae.topk import SparseEncode, fired_from, sparse_decode
 
 
@@ -31,9 +32,7 @@ def _to_shape(g: Tensor, theta: Tensor) -> Tensor:
 def window_codes(z: Tensor, lo: Tensor) -> tuple[Tensor, Tensor, None]:
     """The entries z > lo as a CSR code list (crow [N+1], col [E], no keep mask), ids ascending per token."""
     rows, col = (z > lo).nonzero(as_tuple=True)
-    crow = torch.zeros(z.shape[0] + 1, dtype=torch.long, device=z.device)
-    torch.cumsum(torch.bincount(rows, minlength=z.shape[0]), 0, out=crow[1:])
-    return crow, col, None
+    return csr_crow(rows, z.shape[0]), col, None
 
 
 class JumpReLUFn(torch.autograd.Function):

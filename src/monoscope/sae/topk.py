@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from monoscope.errors import MonoscopeError
-from monoscope.sae.base import SAE, TrainOutput, csr_rows, register, sum_sq, total_variance, _flatten
+from monoscope.sae.base import SAE, TrainOutput, csr_crow, csr_rows, register, sum_sq, total_variance, _flatten
 
 Selector = Callable[[Tensor], "tuple[Tensor, Tensor | None]"]
 
@@ -39,9 +39,7 @@ def uniform_crow(n: int, k: int, device=None) -> Tensor:
 def _latent_major_mm(crow: Tensor, col: Tensor, weights: Tensor, y: Tensor, m: int) -> Tensor:
     """Σ_e weights[e]·y[token(e)] accumulated into row col[e]: a sparse [m, N] × dense [N, d] product."""
     order = torch.argsort(col, stable=True)
-    lat_crow = torch.zeros(m + 1, dtype=torch.long, device=col.device)
-    torch.cumsum(torch.bincount(col, minlength=m), 0, out=lat_crow[1:])
-    g_t = csr_tensor(lat_crow, csr_rows(crow)[order], weights[order], (m, crow.numel() - 1))
+    g_t = csr_tensor(csr_crow(col, m), csr_rows(crow)[order], weights[order], (m, crow.numel() - 1))
     return g_t @ y
 
 

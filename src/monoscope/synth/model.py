@@ -39,6 +39,7 @@ import torch
 
 from monoscope.artifacts import fsync_dir
 from monoscope.errors import MonoscopeError
+from monoscope.sae.base import csr_crow
 from monoscope.sae.topk import csr_tensor
 
 CONFIG_FILE = "synthetic_model_config.json"
@@ -346,9 +347,7 @@ class SyntheticModel:
     def sample(self, n: int, g: torch.Generator, with_features: bool = False):
         """n hidden activations [n, d] (and, with_features, the dense true activations [n, F])."""
         r, f, v = self.sample_sparse(n, g)
-        crow = torch.zeros(n + 1, dtype=torch.long)
-        torch.cumsum(torch.bincount(r, minlength=n), 0, out=crow[1:])
-        hidden = csr_tensor(crow, f, v, (n, self.num_features)) @ self.vectors + self.bias
+        hidden = csr_tensor(csr_crow(r, n), f, v, (n, self.num_features)) @ self.vectors + self.bias
         if not with_features:
             return hidden
         acts = torch.zeros(n, self.num_features)
